@@ -1,0 +1,157 @@
+//! Triton-style dynamic batching for one model variant.
+//!
+//! Handlers submit [`Job`]s into a bounded queue (full: refused at once). A batching task takes
+//! the oldest job, waits at most `max_queue_delay` from when that job arrived for more (a full
+//! batch goes at once), drops jobs whose caller gave up or whose deadline passed (answering the
+//! latter DEADLINE_EXCEEDED without computing them), and hands the batch to the model worker
+//! through a one-slot channel, so the next batch forms while the current one computes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::BatchingConfig;
+
+/// Class probabilities of one image and how it was served.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    pub probabilities: Vec<f32>,
+    pub queue_time: Duration,
+    pub compute_time: Duration,
+    pub batch_size: usize,
+}
+
+/// Why a job got no prediction.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InferError {
+    #[error("the queue of {variant} is full ({capacity} requests waiting); retry later")]
+    QueueFull { variant: String, capacity: usize },
+    #[error("the deadline passed while the request waited in the queue")]
+    DeadlineExceeded,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the model failed on this batch: {0}")]
+    Model(String),
+}
+
+/// One image waiting to be computed.
+pub struct Job {
+    /// Normalised CHW input.
+    pub input: Vec<f32>,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<Prediction, InferError>>,
+}
+
+impl Job {
+    pub fn new(
+        input: Vec<f32>,
+        deadline: Option<Instant>,
+    ) -> (Self, oneshot::Receiver<Result<Prediction, InferError>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Self {
+            input,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        (job, rx)
+    }
+}
+
+/// The submitting side of a variant's queue.
+#[derive(Clone)]
+pub struct BatchQueue {
+    variant: String,
+    tx: mpsc::Sender<Job>,
+    depth: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl BatchQueue {
+    /// Enqueues `job`, or refuses it at once when the queue is full or closed.
+    pub fn submit(&self, job: Job) -> Result<(), InferError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => InferError::QueueFull {
+                variant: self.variant.clone(),
+                capacity: self.capacity,
+            },
+            mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
+        })?;
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Jobs waiting for a batch.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+/// Creates a variant's queue and the task that forms its batches; batches go to `batches`.
+/// The task ends when every [`BatchQueue`] clone is dropped and the queue is drained.
+pub fn spawn_batcher(
+    variant: &str,
+    config: BatchingConfig,
+    batches: mpsc::Sender<Vec<Job>>,
+) -> (BatchQueue, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
+    let depth = Arc::new(AtomicUsize::new(0));
+    let queue = BatchQueue {
+        variant: variant.to_string(),
+        tx,
+        depth: depth.clone(),
+        capacity: config.max_queue_size,
+    };
+    let task = tokio::spawn(form_batches(rx, depth, config, batches));
+    (queue, task)
+}
+
+async fn form_batches(
+    mut rx: mpsc::Receiver<Job>,
+    depth: Arc<AtomicUsize>,
+    config: BatchingConfig,
+    batches: mpsc::Sender<Vec<Job>>,
+) {
+    let max = config.max_batch_size.max(1);
+    while let Some(first) = rx.recv().await {
+        let flush_at = first.enqueued + config.max_queue_delay();
+        let mut batch = vec![first];
+        while batch.len() < max {
+            tokio::select! {
+                biased;
+                job = rx.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(flush_at) => break,
+            }
+        }
+        depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        let batch = drop_expired(batch);
+        if !batch.is_empty() && batches.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps the jobs still worth computing: answers expired ones, forgets abandoned ones.
+fn drop_expired(batch: Vec<Job>) -> Vec<Job> {
+    let now = Instant::now();
+    batch
+        .into_iter()
+        .filter_map(|job| {
+            if job.reply.is_closed() {
+                None
+            } else if job.deadline.is_some_and(|d| d <= now) {
+                let _ = job.reply.send(Err(InferError::DeadlineExceeded));
+                None
+            } else {
+                Some(job)
+            }
+        })
+        .collect()
+}

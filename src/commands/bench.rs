@@ -1,0 +1,96 @@
+//! `octserve bench`: offline forward-pass benchmark of one model on this machine.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use octserve::alloc::measure_peak;
+use octserve::model::weights::WeightSource;
+use octserve::model::Model;
+
+use super::{print_json, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, env = "OCTSERVE_BATCH_SIZE", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Timed iterations (after two untimed warm-up passes).
+    #[arg(long, env = "OCTSERVE_ITERS", default_value_t = 20)]
+    pub iters: usize,
+    /// A safetensors file by PyTorch names, or `random`.
+    #[arg(long, env = "OCTSERVE_WEIGHTS", default_value = "random")]
+    pub weights: WeightSource,
+    #[arg(long, env = "OCTSERVE_JSON")]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    arch: String,
+    alpha: f64,
+    input_size: usize,
+    batch_size: usize,
+    iters: usize,
+    threads: usize,
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    images_per_sec: f64,
+    /// Peak bytes allocated during one forward pass (all images of the batch).
+    peak_bytes: usize,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let vb = args.weights.var_builder(DType::F32, &device)?;
+    let model = Model::new(args.model.config(), vb)?.folded()?;
+    let size = args.model.input_size;
+    let shape = (args.batch_size, args.model.in_channels, size, size);
+    let input = Tensor::randn(0f32, 1., shape, &device)?;
+
+    for _ in 0..2 {
+        model.forward(&input)?;
+    }
+    let mut latencies = Vec::with_capacity(args.iters);
+    let mut peak_bytes = 0;
+    for _ in 0..args.iters.max(1) {
+        let start = Instant::now();
+        let (out, peak) = measure_peak(|| model.forward(&input));
+        out?;
+        latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        peak_bytes = peak_bytes.max(peak);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p50 = percentile(&latencies, 0.5);
+    let report = BenchReport {
+        arch: args.model.arch.to_string(),
+        alpha: args.model.alpha,
+        input_size: size,
+        batch_size: args.batch_size,
+        iters: latencies.len(),
+        threads: candle_core::utils::get_num_threads(),
+        latency_ms_p50: p50,
+        latency_ms_p90: percentile(&latencies, 0.9),
+        images_per_sec: args.batch_size as f64 / (p50 / 1e3),
+        peak_bytes,
+    };
+    if args.json {
+        print_json(&report)
+    } else {
+        println!(
+            "{} alpha {} batch {} at {size}x{size}, {} threads: p50 {:.2} ms, p90 {:.2} ms, {:.1} images/s, peak {:.1} MB",
+            report.arch, report.alpha, report.batch_size, report.threads, report.latency_ms_p50,
+            report.latency_ms_p90, report.images_per_sec, report.peak_bytes as f64 / 1e6
+        );
+        Ok(())
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}

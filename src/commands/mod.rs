@@ -1,0 +1,45 @@
+//! One module per `octserve` subcommand.
+
+pub mod bench;
+pub mod classify;
+pub mod inspect;
+pub mod serve;
+
+use clap::Args;
+
+use octserve::model::{Arch, ModelConfig};
+
+/// Flags that pick an architecture and the sizes it is built for.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Architecture (resnet18..152, resnet26, oct-resnet26..152, resnet20/32/56, oct-resnet20/32/56).
+    #[arg(long, env = "OCTSERVE_ARCH")]
+    pub arch: Arch,
+    /// Low-frequency channel fraction of octave nets, in [0, 1).
+    #[arg(long, env = "OCTSERVE_ALPHA", default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Square input size in pixels.
+    #[arg(long, env = "OCTSERVE_INPUT_SIZE", default_value_t = 224)]
+    pub input_size: usize,
+    #[arg(long, env = "OCTSERVE_IN_CHANNELS", default_value_t = 3)]
+    pub in_channels: usize,
+    #[arg(long, env = "OCTSERVE_NUM_CLASSES", default_value_t = 1000)]
+    pub num_classes: usize,
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig {
+            alpha: self.alpha,
+            in_channels: self.in_channels,
+            num_classes: self.num_classes,
+            ..ModelConfig::new(self.arch)
+        }
+    }
+}
+
+/// Prints `value` as one JSON object on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}

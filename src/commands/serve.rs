@@ -1,0 +1,94 @@
+//! `octserve serve`: runs the service until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+use tokio::net::TcpListener;
+
+use octserve::config::ServeConfig;
+use octserve::server::{run as serve, ServeOptions};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML serve config (models, batching, limits). Without it: every models/*/manifest.toml.
+    #[arg(long, env = "OCTSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "OCTSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    #[arg(long, env = "OCTSERVE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, env = "OCTSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Where model manifests are found when the config names none.
+    #[arg(long, env = "OCTSERVE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Seconds to finish accepted requests after SIGTERM (overrides the config).
+    #[arg(long, env = "OCTSERVE_GRACE_PERIOD")]
+    pub grace_period: Option<u64>,
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        _ => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("unknown device '{s}'; use cpu, cuda or cuda:N"))?;
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => ServeConfig::load(path)?,
+        None => ServeConfig::default(),
+    };
+    let grace = args.grace_period.or(config.grace_period_secs).unwrap_or(30);
+    let options = ServeOptions {
+        config,
+        models_dir: args.models_dir.clone(),
+        device: parse_device(&args.device)?,
+        grace_period: Duration::from_secs(grace),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let grpc = TcpListener::bind(args.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC to {}", args.grpc_addr))?;
+        let metrics = TcpListener::bind(args.metrics_addr)
+            .await
+            .with_context(|| format!("binding metrics to {}", args.metrics_addr))?;
+        tracing::info!(grpc = %args.grpc_addr, metrics = %args.metrics_addr, "listening");
+        serve(grpc, Some(metrics), options, shutdown_signal()).await
+    })
+}
+
+/// Completes on SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,25 @@
+//! octserve: an image-classification inference service for Octave-Convolution ResNets and their
+//! vanilla twins. See README.md.
+
+pub mod alloc;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod preprocess;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod service;
+pub mod stats;
+pub mod worker;
+
+/// Code generated from `proto/` (see build.rs).
+pub mod pb {
+    tonic::include_proto!("octserve.v1");
+
+    /// Descriptors of every served proto, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+}

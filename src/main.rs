@@ -1,0 +1,69 @@
+//! The `octserve` command line: one binary, one subcommand per job (see INTERFACE.md).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+use octserve::alloc::CountingAlloc;
+
+/// Counts allocations so `bench` and the server can report the memory a forward pass really uses.
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "octserve",
+    version,
+    about = "Octave-Convolution ResNet inference service"
+)]
+struct Cli {
+    /// Compute threads for the model (default: every core).
+    #[arg(long, global = true, env = "OCTSERVE_THREADS")]
+    threads: Option<usize>,
+    /// Log as JSON lines instead of text (filter with RUST_LOG, default info).
+    #[arg(long, global = true, env = "OCTSERVE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gRPC service (Classifier, KServe v2, health, reflection) and the metrics endpoint.
+    Serve(commands::serve::ServeArgs),
+    /// Classify images with a running server.
+    Classify(commands::classify::ClassifyArgs),
+    /// A model's analytic cost: params, MACs, activation memory.
+    Inspect(commands::inspect::InspectArgs),
+    /// Offline forward-pass benchmark on this machine.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // candle and gemm size their thread pools from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    init_logging(cli.log_json);
+    match &cli.command {
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Classify(args) => commands::classify::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}
+
+/// Logs go to stderr so `--json` output on stdout stays clean.
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,155 @@
+//! Prometheus metrics (names in INTERFACE.md; prefix `octserve_`, seconds, bytes).
+//!
+//! The recorder is process-wide (the `metrics` facade allows one); every server in the process
+//! shares it and `/metrics` renders it. Each variant's series are created with zero values when
+//! it loads, so a scrape shows them before the first request.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "octserve_requests_total";
+pub const REQUEST_DURATION: &str = "octserve_request_duration_seconds";
+pub const QUEUE_DURATION: &str = "octserve_queue_duration_seconds";
+pub const INFERENCE_DURATION: &str = "octserve_inference_duration_seconds";
+pub const BATCH_SIZE: &str = "octserve_batch_size";
+pub const QUEUE_DEPTH: &str = "octserve_queue_depth";
+pub const ACTIVATION_BYTES: &str = "octserve_activation_bytes";
+pub const MODEL_MACS: &str = "octserve_model_macs";
+pub const MODEL_PARAMS: &str = "octserve_model_params";
+pub const MEMORY_SAVINGS: &str = "octserve_memory_savings_ratio";
+pub const COMPUTE_SAVINGS: &str = "octserve_compute_savings_ratio";
+pub const LATENCY_SAVINGS: &str = "octserve_latency_savings_ratio";
+pub const SHADOW_AGREEMENT: &str = "octserve_shadow_agreement_total";
+
+/// Installs the recorder once and returns the handle that renders the exposition text.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // 100 us .. 10 s, roughly 2.5x apart.
+            let seconds = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ];
+            let batch = [1., 2., 4., 8., 16., 32., 64., 128., 256.];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &batch))
+                .expect("bucket lists are non-empty")
+                .install_recorder()
+                .expect("the metrics recorder is installed once");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests answered, by gRPC status code.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request to reply."
+    );
+    describe_histogram!(
+        QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited for its batch."
+    );
+    describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Model time per batch.");
+    describe_histogram!(BATCH_SIZE, "Images per computed batch.");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a batch.");
+    describe_gauge!(
+        ACTIVATION_BYTES,
+        Unit::Bytes,
+        "Measured peak forward-pass bytes per image, last batch."
+    );
+    describe_gauge!(MODEL_MACS, "Analytic multiply-accumulates per image.");
+    describe_gauge!(MODEL_PARAMS, "Parameters.");
+    describe_gauge!(
+        MEMORY_SAVINGS,
+        "1 - measured activation bytes / baseline variant's."
+    );
+    describe_gauge!(COMPUTE_SAVINGS, "1 - MACs / baseline variant's.");
+    describe_gauge!(
+        LATENCY_SAVINGS,
+        "1 - per-image compute time / baseline variant's (rolling)."
+    );
+    describe_counter!(SHADOW_AGREEMENT, "Shadow comparisons; agree = top-1 match.");
+}
+
+/// The label pair every series carries.
+#[derive(Clone, Debug)]
+pub struct VariantLabels {
+    pub model: String,
+    pub variant: String,
+}
+
+impl VariantLabels {
+    fn pairs(&self) -> [(&'static str, String); 2] {
+        [
+            ("model", self.model.clone()),
+            ("variant", self.variant.clone()),
+        ]
+    }
+
+    /// Creates the variant's series with their static values.
+    pub fn register(&self, macs: usize, params: usize, compute_savings: f64) {
+        let l = self.pairs();
+        gauge!(MODEL_MACS, &l).set(macs as f64);
+        gauge!(MODEL_PARAMS, &l).set(params as f64);
+        gauge!(COMPUTE_SAVINGS, &l).set(compute_savings);
+        gauge!(QUEUE_DEPTH, &l).set(0.);
+        gauge!(ACTIVATION_BYTES, &l).set(0.);
+        gauge!(MEMORY_SAVINGS, &l).set(0.);
+        gauge!(LATENCY_SAVINGS, &l).set(0.);
+        counter!(
+            REQUESTS,
+            &[
+                ("model", self.model.clone()),
+                ("variant", self.variant.clone()),
+                ("code", "OK".to_string())
+            ]
+        )
+        .absolute(0);
+    }
+
+    pub fn request(&self, code: tonic::Code, seconds: f64) {
+        let code = format!("{code:?}");
+        counter!(
+            REQUESTS,
+            &[
+                ("model", self.model.clone()),
+                ("variant", self.variant.clone()),
+                ("code", code)
+            ]
+        )
+        .increment(1);
+        histogram!(REQUEST_DURATION, &self.pairs()).record(seconds);
+    }
+
+    pub fn queued(&self, seconds: f64) {
+        histogram!(QUEUE_DURATION, &self.pairs()).record(seconds);
+    }
+
+    pub fn batch(&self, size: usize, seconds: f64, bytes_per_image: f64) {
+        let l = self.pairs();
+        histogram!(INFERENCE_DURATION, &l).record(seconds);
+        histogram!(BATCH_SIZE, &l).record(size as f64);
+        gauge!(ACTIVATION_BYTES, &l).set(bytes_per_image);
+    }
+
+    pub fn queue_depth(&self, depth: usize) {
+        gauge!(QUEUE_DEPTH, &self.pairs()).set(depth as f64);
+    }
+
+    pub fn savings(&self, memory: f64, latency: f64) {
+        let l = self.pairs();
+        gauge!(MEMORY_SAVINGS, &l).set(memory);
+        gauge!(LATENCY_SAVINGS, &l).set(latency);
+    }
+}

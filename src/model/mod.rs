@@ -1,0 +1,124 @@
+//! The models: vanilla ResNets and Octave-Convolution ResNets in pure candle.
+//!
+//! [`Model`] is what the rest of octserve sees: build it from a [`ModelConfig`] and a
+//! `VarBuilder` (safetensors by PyTorch names, or random), fold its BatchNorms for inference,
+//! run it on `[batch, channels, height, width]` tensors, and ask it for its analytic cost.
+
+pub mod arch;
+pub mod cost;
+pub mod layers;
+pub mod network;
+pub mod octconv;
+pub mod resnet;
+pub mod weights;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+pub use arch::{Arch, ARCHS};
+pub use cost::{CostReport, FeatureShape};
+
+use layers::ConvBn;
+use network::Network;
+use octconv::OctConvBn;
+use resnet::Dims;
+
+/// What to build: an architecture and the sizes it is built for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Low-frequency channel fraction of octave nets, in [0, 1); ignored by vanilla nets.
+    pub alpha: f64,
+    pub in_channels: usize,
+    pub num_classes: usize,
+    /// Stem width; `None` takes the architecture's (64, or 16 for the small nets).
+    pub base_channels: Option<usize>,
+}
+
+impl ModelConfig {
+    pub fn new(arch: Arch) -> Self {
+        Self {
+            arch,
+            alpha: 0.5,
+            in_channels: 3,
+            num_classes: 1000,
+            base_channels: None,
+        }
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
+            in_channels: self.in_channels,
+            num_classes: self.num_classes,
+            base_channels: self
+                .base_channels
+                .unwrap_or(self.arch.spec().default_base_channels()),
+            alpha: self.alpha,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Net {
+    Vanilla(Network<ConvBn>),
+    Octave(Network<OctConvBn>),
+}
+
+/// A built classifier: logits for a batch of normalised images.
+#[derive(Clone, Debug)]
+pub struct Model {
+    config: ModelConfig,
+    net: Net,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let spec = config.arch.spec();
+        if spec.octave && !(0.0..1.0).contains(&config.alpha) {
+            candle_core::bail!("alpha must be in [0, 1), got {}", config.alpha);
+        }
+        let net = if spec.octave {
+            Net::Octave(resnet::octave(vb, spec, config.dims())?)
+        } else {
+            Net::Vanilla(resnet::vanilla(vb, spec, config.dims())?)
+        };
+        Ok(Self { config, net })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// `[n, c, h, w]` -> `[n, classes]` logits.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Net::Vanilla(n) => n.forward(x),
+            Net::Octave(n) => n.forward(x),
+        }
+    }
+
+    /// The same function with every BatchNorm folded into the conv before it: the inference form.
+    pub fn folded(&self) -> Result<Self> {
+        let net = match &self.net {
+            Net::Vanilla(n) => Net::Vanilla(n.folded()?),
+            Net::Octave(n) => Net::Octave(n.folded()?),
+        };
+        Ok(Self {
+            config: self.config,
+            net,
+        })
+    }
+
+    /// Analytic cost of one image of `height` x `width`.
+    pub fn cost(&self, height: usize, width: usize) -> CostReport {
+        let input = FeatureShape {
+            c: self.config.in_channels,
+            h: height,
+            w: width,
+        };
+        match &self.net {
+            Net::Vanilla(n) => n.cost(input),
+            Net::Octave(n) => n.cost(input),
+        }
+    }
+}

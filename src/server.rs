@@ -1,0 +1,127 @@
+//! Runs the service: gRPC (Classifier, health, reflection) on one listener, Prometheus text on
+//! another, models loading in the background, and a graceful drain on shutdown.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{Manifest, ServeConfig};
+use crate::pb;
+use crate::registry::Registry;
+use crate::service::{ClassifierService, ServingState};
+
+/// Headroom over the image limit for the rest of a request message.
+const MESSAGE_OVERHEAD: usize = 64 << 10;
+
+/// Everything `serve` needs besides its listeners.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub config: ServeConfig,
+    /// Where `models/*/manifest.toml` are looked for when the config names none.
+    pub models_dir: PathBuf,
+    pub device: Device,
+    /// Longest wait for accepted requests after shutdown is asked for.
+    pub grace_period: Duration,
+}
+
+/// Serves until `shutdown` completes, then refuses new requests, answers every accepted one
+/// (within the grace period) and returns.
+pub async fn run(
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let prometheus = crate::metrics::handle();
+    if let Some(listener) = metrics {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = prometheus.render();
+                async move { text }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let classifier_name = <pb::classifier_server::ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME;
+    let set_health = move |status| {
+        let health = health.clone();
+        async move {
+            health.set_service_status("", status).await;
+            health.set_service_status(classifier_name, status).await;
+        }
+    };
+    set_health(ServingStatus::NotServing).await;
+
+    let state = Arc::new(ServingState::new(options.config.limits));
+    let loading = {
+        let state = state.clone();
+        let options = options.clone();
+        let set_health = set_health.clone();
+        tokio::spawn(async move {
+            let registry = tokio::task::spawn_blocking(move || load_registry(&options)).await??;
+            state.set_registry(registry);
+            set_health(ServingStatus::Serving).await;
+            tracing::info!("models loaded; serving");
+            anyhow::Ok(())
+        })
+    };
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max_message = options.config.limits.max_encoded_bytes + MESSAGE_OVERHEAD;
+    let classifier =
+        pb::classifier_server::ClassifierServer::new(ClassifierService::new(state.clone()))
+            .max_decoding_message_size(max_message);
+
+    let drain = {
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new requests, draining accepted ones");
+            set_health(ServingStatus::NotServing).await;
+            state.drain(options.grace_period).await;
+        }
+    };
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(classifier)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain);
+
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.context("gRPC server failed"),
+        loaded = loading => loaded?.context("loading models")?,
+    }
+    server.await.context("gRPC server failed")
+}
+
+fn load_registry(options: &ServeOptions) -> anyhow::Result<Registry> {
+    let paths = options.config.manifest_paths(&options.models_dir)?;
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "no models to serve: no manifest in the config and none under {}",
+        options.models_dir.display()
+    );
+    let manifests = paths
+        .iter()
+        .map(|p| Manifest::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Registry::load(&manifests, options.config.batching, &options.device)
+}

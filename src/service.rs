@@ -1,0 +1,315 @@
+//! `octserve.v1.Classifier`: the request path from a gRPC call to a batched prediction.
+//!
+//! handler -> model/variant lookup (A/B router) -> decode on the blocking pool -> bounded queue
+//! -> batcher -> model thread -> oneshot reply. Errors are [`ServeError`]s, turned into gRPC
+//! statuses in one place.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::batcher::{InferError, Job, Prediction};
+use crate::error::ServeError;
+use crate::pb;
+use crate::preprocess::{preprocess, ImageLimits};
+use crate::registry::{Registry, ServedModel, Variant};
+use crate::stats::savings;
+
+/// Requests answered concurrently per `ClassifyStream` call.
+const STREAM_CONCURRENCY: usize = 32;
+
+/// What every RPC handler shares: the models (once loaded), limits and the drain state.
+#[derive(Default)]
+pub struct ServingState {
+    registry: OnceLock<Registry>,
+    pub limits: ImageLimits,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a request as in flight until dropped.
+pub struct InFlight<'a>(&'a ServingState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A classified image: which variant answered and its prediction.
+pub struct Classified<'a> {
+    pub model: &'a ServedModel,
+    pub variant: &'a Variant,
+    pub prediction: Prediction,
+}
+
+impl ServingState {
+    pub fn new(limits: ImageLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    pub fn set_registry(&self, registry: Registry) {
+        let _ = self.registry.set(registry);
+    }
+
+    pub fn registry(&self) -> Result<&Registry, ServeError> {
+        self.registry.get().ok_or(ServeError::Loading)
+    }
+
+    /// Admits a request unless the server is draining.
+    pub fn admit(&self) -> Result<InFlight<'_>, Status> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self);
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
+        Ok(guard)
+    }
+
+    /// Refuses new requests from now on and waits (at most `grace`) for accepted ones.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let wait_idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(grace, wait_idle).await.is_err() {
+            tracing::warn!(
+                in_flight = self.in_flight.load(Ordering::Acquire),
+                "grace period over; exiting with requests in flight"
+            );
+        }
+    }
+
+    /// Classifies already-decoded input on `model`/`variant` (empty: the router picks).
+    pub async fn infer<'a>(
+        &'a self,
+        model: &'a ServedModel,
+        variant: &'a Variant,
+        input: Vec<f32>,
+        deadline: Option<Instant>,
+    ) -> Result<Classified<'a>, ServeError> {
+        let (job, reply) = Job::new(input, deadline);
+        variant.queue.submit(job)?;
+        variant.labels.queue_depth(variant.queue.depth());
+        let reply = match deadline {
+            Some(d) => tokio::time::timeout_at(d, reply)
+                .await
+                .map_err(|_| ServeError::DeadlineExceeded)?,
+            None => reply.await,
+        };
+        let prediction = reply.map_err(|_| InferError::ShuttingDown)??;
+        variant.labels.queued(prediction.queue_time.as_secs_f64());
+        Ok(Classified {
+            model,
+            variant,
+            prediction,
+        })
+    }
+
+    /// The whole `Classify` path for one request, with its metrics.
+    pub async fn classify(
+        &self,
+        request: pb::ClassifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ClassifyResponse, ServeError> {
+        let started = Instant::now();
+        let model = self.registry()?.model(&request.model)?;
+        let variant = model.variant(&request.variant, &request.routing_key)?;
+        let result = async {
+            let spec = model.input.clone();
+            let limits = self.limits;
+            let image = request.image;
+            let input = tokio::task::spawn_blocking(move || preprocess(&image, &spec, &limits))
+                .await
+                .map_err(|e| {
+                    ServeError::InvalidArgument(format!("image decoding failed: {e}"))
+                })??;
+            self.infer(model, variant, input, deadline).await
+        }
+        .await;
+        let latency = started.elapsed().as_secs_f64();
+        let code = result
+            .as_ref()
+            .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+        variant.labels.request(code, latency);
+        let classified = result?;
+        variant.stats.record_request(latency * 1e3);
+        Ok(response(&classified, request.top_k, started.elapsed()))
+    }
+}
+
+/// The `top_k` most probable classes (0 means 5), best first.
+pub fn top_k(probabilities: &[f32], labels: &[String], k: u32) -> Vec<pb::Class> {
+    let k = if k == 0 { 5 } else { k as usize };
+    let mut order: Vec<usize> = (0..probabilities.len()).collect();
+    order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| pb::Class {
+            label: labels.get(i).cloned().unwrap_or_default(),
+            index: i as u32,
+            score: probabilities[i],
+        })
+        .collect()
+}
+
+fn response(c: &Classified<'_>, k: u32, total: Duration) -> pb::ClassifyResponse {
+    let p = &c.prediction;
+    pb::ClassifyResponse {
+        model: c.model.name.clone(),
+        variant: c.variant.name.clone(),
+        classes: top_k(&p.probabilities, &c.model.labels, k),
+        timing: Some(pb::Timing {
+            queue_us: p.queue_time.as_micros() as u64,
+            compute_us: p.compute_time.as_micros() as u64,
+            total_us: total.as_micros() as u64,
+            batch_size: p.batch_size as u32,
+        }),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (e.g. `100m`, `5S`).
+pub fn grpc_deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(Instant::now() + timeout)
+}
+
+/// The gRPC service over a shared [`ServingState`].
+#[derive(Clone)]
+pub struct ClassifierService {
+    state: Arc<ServingState>,
+}
+
+impl ClassifierService {
+    pub fn new(state: Arc<ServingState>) -> Self {
+        Self { state }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::ClassifyResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::classifier_server::Classifier for ClassifierService {
+    async fn classify(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let _in_flight = self.state.admit()?;
+        let deadline = grpc_deadline(request.metadata());
+        let request = request.into_inner();
+        let span =
+            tracing::info_span!("classify", model = %request.model, variant = %request.variant);
+        let _enter = span.enter();
+        let response = self.state.classify(request, deadline).await;
+        if let Err(e) = &response {
+            tracing::debug!(error = %e, "request failed");
+        }
+        Ok(Response::new(response?))
+    }
+
+    type ClassifyStreamStream = ResponseStream;
+
+    async fn classify_stream(
+        &self,
+        request: Request<Streaming<pb::ClassifyRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let deadline = grpc_deadline(request.metadata());
+        let state = self.state.clone();
+        let responses = request
+            .into_inner()
+            .map(move |item| {
+                let state = state.clone();
+                async move {
+                    let _in_flight = state.admit()?;
+                    Ok(state.classify(item?, deadline).await?)
+                }
+            })
+            .buffered(STREAM_CONCURRENCY);
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let registry = self.state.registry()?;
+        let models = registry.models().map(|m| model_info(m)).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+fn model_info(model: &ServedModel) -> pb::ModelInfo {
+    let baseline = model.baseline();
+    let base_stats = baseline.stats.snapshot();
+    let variants = model
+        .variants
+        .iter()
+        .map(|v| {
+            let s = v.stats.snapshot();
+            pb::VariantInfo {
+                name: v.name.clone(),
+                arch: v.arch.clone(),
+                alpha: v.alpha,
+                params: v.cost.params as u64,
+                macs: v.cost.macs as u64,
+                activation_bytes: v.cost.activation_bytes as u64,
+                accuracy: v.accuracy.unwrap_or(0.),
+                baseline: v.name == model.baseline,
+                routing_weight: v.routing_weight,
+                stats: Some(pb::VariantStats {
+                    requests: s.requests,
+                    p50_ms: s.p50_ms,
+                    p99_ms: s.p99_ms,
+                    memory_savings_ratio: savings(s.bytes_per_image, base_stats.bytes_per_image),
+                    compute_savings_ratio: savings(v.cost.macs as f64, baseline.cost.macs as f64),
+                    latency_savings_ratio: savings(
+                        s.seconds_per_image,
+                        base_stats.seconds_per_image,
+                    ),
+                    shadow_comparisons: 0,
+                    shadow_agreements: 0,
+                    measured_activation_bytes: s.bytes_per_image as u64,
+                }),
+            }
+        })
+        .collect();
+    pb::ModelInfo {
+        name: model.name.clone(),
+        variants,
+        labels: model.labels.clone(),
+        input_channels: model.input.channels as u32,
+        input_height: model.input.height as u32,
+        input_width: model.input.width as u32,
+    }
+}

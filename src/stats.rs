@@ -1,0 +1,83 @@
+//! Live per-variant statistics behind `ListModels`, `octserve ab` and the savings gauges.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// Recent request latencies kept for percentiles.
+const LATENCY_WINDOW: usize = 2048;
+/// Weight of the newest batch in the rolling per-image compute time.
+const EWMA_WEIGHT: f64 = 0.1;
+
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Inner {
+    requests: u64,
+    latencies_ms: VecDeque<f64>,
+    bytes_per_image: f64,
+    seconds_per_image: f64,
+}
+
+/// A copy of one variant's statistics.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub bytes_per_image: f64,
+    pub seconds_per_image: f64,
+}
+
+impl LiveStats {
+    pub fn record_request(&self, latency_ms: f64) {
+        let mut s = self.inner.lock().unwrap();
+        s.requests += 1;
+        if s.latencies_ms.len() == LATENCY_WINDOW {
+            s.latencies_ms.pop_front();
+        }
+        s.latencies_ms.push_back(latency_ms);
+    }
+
+    pub fn record_batch(&self, size: usize, seconds: f64, peak_bytes: usize) {
+        let mut s = self.inner.lock().unwrap();
+        let per_image = seconds / size as f64;
+        s.seconds_per_image = if s.seconds_per_image == 0. {
+            per_image
+        } else {
+            (1. - EWMA_WEIGHT) * s.seconds_per_image + EWMA_WEIGHT * per_image
+        };
+        s.bytes_per_image = peak_bytes as f64 / size as f64;
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let s = self.inner.lock().unwrap().clone();
+        let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
+        sorted.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            if sorted.is_empty() {
+                0.
+            } else {
+                sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+            }
+        };
+        StatsSnapshot {
+            requests: s.requests,
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            bytes_per_image: s.bytes_per_image,
+            seconds_per_image: s.seconds_per_image,
+        }
+    }
+}
+
+/// `1 - value / baseline`, or 0 while either is unknown.
+pub fn savings(value: f64, baseline: f64) -> f64 {
+    if value > 0. && baseline > 0. {
+        1. - value / baseline
+    } else {
+        0.
+    }
+}

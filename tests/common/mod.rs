@@ -1,0 +1,142 @@
+//! A real octserve server on ephemeral ports, for integration tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::Device;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use octserve::config::{BatchingConfig, ServeConfig};
+use octserve::pb::classifier_client::ClassifierClient;
+use octserve::server::{run, ServeOptions};
+
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    /// Serves the manifests of `config` (or every manifest under `models_dir`).
+    pub async fn start(config: ServeConfig, models_dir: &Path) -> Self {
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = grpc_listener.local_addr().unwrap();
+        let metrics = metrics_listener.local_addr().unwrap();
+        let options = ServeOptions {
+            config,
+            models_dir: models_dir.to_path_buf(),
+            device: Device::Cpu,
+            grace_period: Duration::from_secs(30),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(run(grpc_listener, Some(metrics_listener), options, async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let server = Self {
+            grpc,
+            metrics,
+            channel,
+            shutdown: Some(tx),
+            handle,
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    pub fn client(&self) -> ClassifierClient<Channel> {
+        ClassifierClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let mut health = HealthClient::new(self.channel.clone());
+        let request = HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        ServingStatus::try_from(status).unwrap()
+    }
+
+    async fn wait_serving(&self) {
+        for _ in 0..600 {
+            if self.health("").await == ServingStatus::Serving {
+                return;
+            }
+            assert!(
+                !self.handle.is_finished(),
+                "the server stopped while loading"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not become ready in 30 s");
+    }
+
+    /// Asks the server to shut down (as SIGTERM does) and returns its run handle.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+}
+
+/// A manifest directory with one model of random-weight variants, for tests that need a server
+/// but no trained weights.
+pub fn random_model_dir(
+    name: &str,
+    variants: &[(&str, &str, f64, f64)],
+    batching: Option<BatchingConfig>,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join(name);
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let mut text = format!(
+        "name = \"{name}\"\nlabels = [{}]\nbaseline = \"{}\"\n\n[input]\nchannels = 1\nheight = 28\nwidth = 28\nmean = [0.5]\nstd = [0.25]\n",
+        (0..10).map(|i| format!("\"class{i}\"")).collect::<Vec<_>>().join(", "),
+        variants[0].0
+    );
+    if let Some(b) = batching {
+        text += &format!(
+            "\n[batching]\nmax_batch_size = {}\nmax_queue_delay_us = {}\nmax_queue_size = {}\n",
+            b.max_batch_size, b.max_queue_delay_us, b.max_queue_size
+        );
+    }
+    for (variant, arch, alpha, weight) in variants {
+        text += &format!(
+            "\n[[variants]]\nname = \"{variant}\"\narch = \"{arch}\"\nalpha = {alpha}\nweights = \"random\"\nrouting_weight = {weight}\n"
+        );
+    }
+    std::fs::write(model_dir.join("manifest.toml"), text).unwrap();
+    dir
+}
+
+/// The repository's shipped models.
+pub fn shipped_models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
