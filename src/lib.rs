@@ -4,7 +4,9 @@
 pub mod alloc;
 pub mod batcher;
 pub mod config;
+pub mod dataset;
 pub mod error;
+pub mod evaluate;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;

@@ -37,6 +37,10 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Offline forward-pass benchmark on this machine.
     Bench(commands::bench::BenchArgs),
+    /// Accuracy of a shipped model variant on the Fashion-MNIST test set.
+    Eval(commands::eval::EvalArgs),
+    /// Closed-loop gRPC load generator.
+    Loadgen(commands::loadgen::LoadgenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +55,8 @@ fn main() -> anyhow::Result<()> {
         Command::Classify(args) => commands::classify::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Loadgen(args) => commands::loadgen::run(args),
     }
 }
 

@@ -127,8 +127,8 @@ fn resize(
     Ok(dst.into_vec())
 }
 
-/// Interleaved u8 pixels (HWC) to normalised f32 planes (CHW).
-fn normalise(pixels: &[u8], spec: &InputSpec) -> Vec<f32> {
+/// Interleaved u8 pixels (HWC) of `spec`'s size to normalised f32 planes (CHW).
+pub fn normalise(pixels: &[u8], spec: &InputSpec) -> Vec<f32> {
     let plane = spec.height * spec.width;
     let mut out = vec![0f32; spec.channels * plane];
     for (c, dst) in out.chunks_exact_mut(plane).enumerate() {

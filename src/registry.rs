@@ -200,7 +200,7 @@ fn load_model(
 
 /// Builds a variant's model (analytic cost from the unfolded form), folds its BatchNorms and
 /// runs one warm-up batch so the first request pays no start-up cost.
-fn build_variant(
+pub fn build_variant(
     manifest: &Manifest,
     vm: &VariantManifest,
     device: &Device,

@@ -50,7 +50,7 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
     let mut ihdr = w.to_be_bytes().to_vec();
     ihdr.extend(h.to_be_bytes());
     ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grayscale
-    // A zlib stream with one stored block of 16 zero bytes.
+                                  // A zlib stream with one stored block of 16 zero bytes.
     let mut idat = vec![0x78, 0x01, 0x01, 16, 0, !16, 0xff];
     idat.extend([0u8; 16]);
     idat.extend(0x0010_0001u32.to_be_bytes()); // Adler-32 of 16 zeros

@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod classify;
+pub mod eval;
 pub mod inspect;
+pub mod loadgen;
 pub mod serve;
 
 use clap::Args;
