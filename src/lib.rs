@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod batcher;
 pub mod config;
 pub mod dataset;
+pub mod device;
 pub mod error;
 pub mod evaluate;
 pub mod metrics;

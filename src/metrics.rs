@@ -24,6 +24,8 @@ pub const MEMORY_SAVINGS: &str = "octserve_memory_savings_ratio";
 pub const COMPUTE_SAVINGS: &str = "octserve_compute_savings_ratio";
 pub const LATENCY_SAVINGS: &str = "octserve_latency_savings_ratio";
 pub const SHADOW_AGREEMENT: &str = "octserve_shadow_agreement_total";
+pub const DEVICE_MEMORY_USED: &str = "octserve_device_memory_used_bytes";
+pub const DEVICE_MEMORY_TOTAL: &str = "octserve_device_memory_total_bytes";
 
 /// Installs the recorder once and returns the handle that renders the exposition text.
 pub fn handle() -> PrometheusHandle {
@@ -80,6 +82,23 @@ fn describe() {
         "1 - per-image compute time / baseline variant's (rolling)."
     );
     describe_counter!(SHADOW_AGREEMENT, "Shadow comparisons; agree = top-1 match.");
+    describe_gauge!(
+        DEVICE_MEMORY_USED,
+        Unit::Bytes,
+        "Accelerator memory in use (like Triton's nv_gpu_memory_used_bytes)."
+    );
+    describe_gauge!(
+        DEVICE_MEMORY_TOTAL,
+        Unit::Bytes,
+        "Accelerator memory in total."
+    );
+}
+
+/// Used and total memory of an accelerator, after a batch.
+pub fn device_memory(device: &str, info: crate::device::MemoryInfo) {
+    let label = [("device", device.to_string())];
+    gauge!(DEVICE_MEMORY_USED, &label).set(info.used() as f64);
+    gauge!(DEVICE_MEMORY_TOTAL, &label).set(info.total as f64);
 }
 
 /// The label pair every series carries.

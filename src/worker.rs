@@ -10,11 +10,17 @@ use tokio::sync::mpsc;
 
 use crate::alloc::measure_peak;
 use crate::batcher::{InferError, Job, Prediction};
+use crate::device::{device_name, memory_info};
 use crate::model::Model;
 
 /// Anything that maps a batch of normalised CHW images to class probabilities.
 pub trait BatchModel: Send + 'static {
     fn infer(&mut self, inputs: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>>;
+
+    /// Device memory the last batch took, where the device is not host memory (CUDA).
+    fn device_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A candle [`Model`] (BatchNorm folded) on a device.
@@ -23,6 +29,7 @@ pub struct CandleClassifier {
     device: Device,
     /// (channels, height, width) of one input.
     shape: (usize, usize, usize),
+    last_device_bytes: Option<usize>,
 }
 
 impl CandleClassifier {
@@ -31,6 +38,7 @@ impl CandleClassifier {
             model,
             device,
             shape,
+            last_device_bytes: None,
         }
     }
 }
@@ -39,11 +47,21 @@ impl BatchModel for CandleClassifier {
     fn infer(&mut self, inputs: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (c, h, w) = self.shape;
         let data: Vec<f32> = inputs.iter().flat_map(|x| x.iter().copied()).collect();
+        let before = memory_info(&self.device);
         // One upload per batch; only the small probability matrix comes back.
         let batch = Tensor::from_vec(data, (inputs.len(), c, h, w), &self.device)?;
         let logits = self.model.forward(&batch)?;
-        let probabilities = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        Ok(probabilities.to_vec2()?)
+        let probabilities = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
+        // Copying the result back synchronised the device, so the query sees the batch's memory.
+        if let (Some(before), Some(after)) = (before, memory_info(&self.device)) {
+            self.last_device_bytes = Some(before.free.saturating_sub(after.free));
+            crate::metrics::device_memory(&device_name(&self.device), after);
+        }
+        Ok(probabilities)
+    }
+
+    fn device_bytes(&self) -> Option<usize> {
+        self.last_device_bytes
     }
 }
 
@@ -52,7 +70,8 @@ impl BatchModel for CandleClassifier {
 pub struct BatchReport {
     pub size: usize,
     pub compute_time: Duration,
-    /// Peak bytes the forward pass allocated on the worker thread.
+    /// Peak bytes the forward pass allocated: host memory on the worker thread, or on CUDA the
+    /// device memory the batch took from the driver.
     pub peak_bytes: usize,
     pub ok: bool,
 }
@@ -82,8 +101,9 @@ pub fn spawn_worker(
 fn run_batch(model: &mut impl BatchModel, batch: Vec<Job>) -> BatchReport {
     let started = tokio::time::Instant::now();
     let inputs: Vec<&[f32]> = batch.iter().map(|j| j.input.as_slice()).collect();
-    let (outcome, peak_bytes) =
+    let (outcome, host_peak_bytes) =
         measure_peak(|| catch_unwind(AssertUnwindSafe(|| model.infer(&inputs))));
+    let peak_bytes = model.device_bytes().unwrap_or(host_peak_bytes);
     let compute_time = started.elapsed();
     let outputs = match outcome {
         Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),

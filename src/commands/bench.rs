@@ -2,11 +2,12 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use serde::Serialize;
 
 use octserve::alloc::measure_peak;
+use octserve::device::{device_name, memory_info, parse_device};
 use octserve::model::weights::WeightSource;
 use octserve::model::Model;
 
@@ -24,6 +25,12 @@ pub struct BenchArgs {
     /// A safetensors file by PyTorch names, or `random`.
     #[arg(long, env = "OCTSERVE_WEIGHTS", default_value = "random")]
     pub weights: WeightSource,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "OCTSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weights and activations: f32, f16 or bf16 (half precision is meant for CUDA).
+    #[arg(long, env = "OCTSERVE_DTYPE", default_value = "f32")]
+    pub dtype: DType,
     #[arg(long, env = "OCTSERVE_JSON")]
     pub json: bool,
 }
@@ -32,6 +39,8 @@ pub struct BenchArgs {
 struct BenchReport {
     arch: String,
     alpha: f64,
+    device: String,
+    dtype: String,
     input_size: usize,
     batch_size: usize,
     iters: usize,
@@ -39,27 +48,41 @@ struct BenchReport {
     latency_ms_p50: f64,
     latency_ms_p90: f64,
     images_per_sec: f64,
-    /// Peak bytes allocated during one forward pass (all images of the batch).
+    /// Peak bytes allocated during one forward pass (all images of the batch): host memory on
+    /// the CPU, device memory taken from the driver on CUDA.
     peak_bytes: usize,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
-    let vb = args.weights.var_builder(DType::F32, &device)?;
+    let device = parse_device(&args.device)?;
+    let vb = args.weights.var_builder(args.dtype, &device)?;
     let model = Model::new(args.model.config(), vb)?.folded()?;
     let size = args.model.input_size;
     let shape = (args.batch_size, args.model.in_channels, size, size);
-    let input = Tensor::randn(0f32, 1., shape, &device)?;
+    let input = Tensor::randn(0f32, 1., shape, &device)?.to_dtype(args.dtype)?;
 
+    // Each pass ends by copying the logits back, which waits for an asynchronous device.
+    let forward = || {
+        model
+            .forward(&input)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()
+    };
+    // Device memory is measured from before the first pass: its allocator keeps what it took.
+    let untouched = memory_info(&device);
     for _ in 0..2 {
-        model.forward(&input)?;
+        forward()?;
     }
     let mut latencies = Vec::with_capacity(args.iters);
     let mut peak_bytes = 0;
     for _ in 0..args.iters.max(1) {
         let start = Instant::now();
-        let (out, peak) = measure_peak(|| model.forward(&input));
+        let (out, host_peak) = measure_peak(forward);
         out?;
+        let peak = match (untouched, memory_info(&device)) {
+            (Some(before), Some(now)) => before.free.saturating_sub(now.free),
+            _ => host_peak,
+        };
         latencies.push(start.elapsed().as_secs_f64() * 1e3);
         peak_bytes = peak_bytes.max(peak);
     }
@@ -68,6 +91,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let report = BenchReport {
         arch: args.model.arch.to_string(),
         alpha: args.model.alpha,
+        device: device_name(&device),
+        dtype: format!("{:?}", args.dtype).to_lowercase(),
         input_size: size,
         batch_size: args.batch_size,
         iters: latencies.len(),

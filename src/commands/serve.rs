@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
 use tokio::net::TcpListener;
 
 use octserve::config::ServeConfig;
+use octserve::device::parse_device;
 use octserve::server::{run as serve, ServeOptions};
 
 #[derive(Args, Debug)]
@@ -30,20 +30,6 @@ pub struct ServeArgs {
     /// Seconds to finish accepted requests after SIGTERM (overrides the config).
     #[arg(long, env = "OCTSERVE_GRACE_PERIOD")]
     pub grace_period: Option<u64>,
-}
-
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        _ => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("unknown device '{s}'; use cpu, cuda or cuda:N"))?;
-            Ok(Device::new_cuda(ordinal)?)
-        }
-    }
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
