@@ -10,6 +10,11 @@ use std::cell::Cell;
 
 pub struct CountingAlloc;
 
+/// Every program linking octserve (the binary, the tests) counts, so the server can always
+/// report the memory a forward pass really uses.
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
 thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
@@ -56,7 +61,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
 }
 
 /// Runs `f` and returns its result with the peak bytes it held on this thread above what was
-/// live when it started. Only meaningful where [`CountingAlloc`] is the global allocator.
+/// live when it started.
 pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let start = LIVE.with(Cell::get);
     let saved_peak = PEAK.with(|p| p.replace(start));

@@ -85,6 +85,10 @@ impl BatchQueue {
         Ok(())
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Jobs waiting for a batch.
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)

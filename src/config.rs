@@ -111,6 +111,23 @@ pub struct VariantManifest {
     pub test_accuracy: Option<f64>,
     pub epochs: Option<u32>,
     pub train_seconds: Option<f64>,
+    /// Overrides the model's batching for this variant.
+    pub batching: Option<BatchingConfig>,
+}
+
+/// Shadow traffic: a variant that also computes (a share of) the answered requests, in the
+/// background, to compare its top-1 and latency with the variant that answered.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    pub variant: String,
+    /// Share of requests mirrored, in [0, 1].
+    #[serde(default = "one")]
+    pub fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// How the shipped weights were made; informational.
@@ -135,6 +152,7 @@ pub struct Manifest {
     pub training: TrainingInfo,
     /// Overrides the serve config's batching for this model's variants.
     pub batching: Option<BatchingConfig>,
+    pub shadow: Option<ShadowConfig>,
     pub variants: Vec<VariantManifest>,
     /// Directory of the manifest file, which variant weights are relative to.
     #[serde(skip)]
@@ -176,6 +194,20 @@ impl Manifest {
         }
         for v in &self.variants {
             v.arch.parse::<Arch>()?;
+            if !(v.routing_weight >= 0. && v.routing_weight.is_finite()) {
+                return Err(format!("variant '{}': routing_weight must be >= 0", v.name));
+            }
+        }
+        if let Some(shadow) = &self.shadow {
+            if !self.variants.iter().any(|v| v.name == shadow.variant) {
+                return Err(format!(
+                    "shadow variant '{}' is not one of the variants",
+                    shadow.variant
+                ));
+            }
+            if !(0.0..=1.0).contains(&shadow.fraction) {
+                return Err("shadow.fraction must be in [0, 1]".into());
+            }
         }
         Ok(())
     }

@@ -4,12 +4,6 @@ mod commands;
 
 use clap::{Parser, Subcommand};
 
-use octserve::alloc::CountingAlloc;
-
-/// Counts allocations so `bench` and the server can report the memory a forward pass really uses.
-#[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
-
 #[derive(Parser, Debug)]
 #[command(
     name = "octserve",
@@ -41,6 +35,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Closed-loop gRPC load generator.
     Loadgen(commands::loadgen::LoadgenArgs),
+    /// Live side-by-side A/B summary of a model's variants.
+    Ab(commands::ab::AbArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Loadgen(args) => commands::loadgen::run(args),
+        Command::Ab(args) => commands::ab::run(args),
     }
 }
 

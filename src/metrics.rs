@@ -24,6 +24,7 @@ pub const MEMORY_SAVINGS: &str = "octserve_memory_savings_ratio";
 pub const COMPUTE_SAVINGS: &str = "octserve_compute_savings_ratio";
 pub const LATENCY_SAVINGS: &str = "octserve_latency_savings_ratio";
 pub const SHADOW_AGREEMENT: &str = "octserve_shadow_agreement_total";
+pub const SHADOW_LATENCY_DELTA: &str = "octserve_shadow_latency_delta_seconds";
 pub const DEVICE_MEMORY_USED: &str = "octserve_device_memory_used_bytes";
 pub const DEVICE_MEMORY_TOTAL: &str = "octserve_device_memory_total_bytes";
 
@@ -83,6 +84,11 @@ fn describe() {
     );
     describe_counter!(SHADOW_AGREEMENT, "Shadow comparisons; agree = top-1 match.");
     describe_gauge!(
+        SHADOW_LATENCY_DELTA,
+        Unit::Seconds,
+        "Shadow latency minus the answering variant's, last comparison."
+    );
+    describe_gauge!(
         DEVICE_MEMORY_USED,
         Unit::Bytes,
         "Accelerator memory in use (like Triton's nv_gpu_memory_used_bytes)."
@@ -126,29 +132,37 @@ impl VariantLabels {
         gauge!(ACTIVATION_BYTES, &l).set(0.);
         gauge!(MEMORY_SAVINGS, &l).set(0.);
         gauge!(LATENCY_SAVINGS, &l).set(0.);
-        counter!(
-            REQUESTS,
-            &[
-                ("model", self.model.clone()),
-                ("variant", self.variant.clone()),
-                ("code", "OK".to_string())
-            ]
-        )
-        .absolute(0);
+        counter!(REQUESTS, &self.with("code", "OK")).absolute(0);
+        for agree in ["true", "false"] {
+            counter!(SHADOW_AGREEMENT, &self.with("agree", agree)).absolute(0);
+        }
+        // Registered now so that the first scrape shows them, empty.
+        for name in [
+            REQUEST_DURATION,
+            QUEUE_DURATION,
+            INFERENCE_DURATION,
+            BATCH_SIZE,
+        ] {
+            let _ = histogram!(name, &l);
+        }
+    }
+
+    /// The model and variant labels plus one more.
+    fn with(&self, key: &'static str, value: &str) -> [(&'static str, String); 3] {
+        let [model, variant] = self.pairs();
+        [model, variant, (key, value.to_string())]
     }
 
     pub fn request(&self, code: tonic::Code, seconds: f64) {
-        let code = format!("{code:?}");
-        counter!(
-            REQUESTS,
-            &[
-                ("model", self.model.clone()),
-                ("variant", self.variant.clone()),
-                ("code", code)
-            ]
-        )
-        .increment(1);
+        counter!(REQUESTS, &self.with("code", code_name(code))).increment(1);
         histogram!(REQUEST_DURATION, &self.pairs()).record(seconds);
+    }
+
+    /// A shadow comparison with this variant as the shadow.
+    pub fn shadow(&self, agree: bool, latency_delta_seconds: f64) {
+        let agree = if agree { "true" } else { "false" };
+        counter!(SHADOW_AGREEMENT, &self.with("agree", agree)).increment(1);
+        gauge!(SHADOW_LATENCY_DELTA, &self.pairs()).set(latency_delta_seconds);
     }
 
     pub fn queued(&self, seconds: f64) {
@@ -170,5 +184,29 @@ impl VariantLabels {
         let l = self.pairs();
         gauge!(MEMORY_SAVINGS, &l).set(memory);
         gauge!(LATENCY_SAVINGS, &l).set(latency);
+    }
+}
+
+/// The canonical gRPC name of a status code, as other gRPC servers label it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -2,14 +2,14 @@
 //! batcher and worker thread.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::mpsc;
 
 use crate::batcher::{spawn_batcher, BatchQueue};
-use crate::config::{BatchingConfig, Manifest, VariantManifest};
+use crate::config::{BatchingConfig, Manifest, ShadowConfig, VariantManifest};
 use crate::error::ServeError;
 use crate::metrics::VariantLabels;
 use crate::model::weights::WeightSource;
@@ -24,12 +24,31 @@ pub struct Variant {
     pub name: String,
     pub arch: String,
     pub alpha: f64,
-    pub routing_weight: f64,
     pub accuracy: Option<f64>,
     pub cost: CostReport,
     pub queue: BatchQueue,
     pub stats: Arc<LiveStats>,
     pub labels: VariantLabels,
+}
+
+/// The part of a model's set-up that can change while serving (SIGHUP reloads it).
+#[derive(Clone, Debug)]
+pub struct Routing {
+    pub router: Router,
+    pub shadow: Option<ShadowConfig>,
+}
+
+impl Routing {
+    fn from_manifest(manifest: &Manifest) -> Self {
+        let weights = manifest
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), v.routing_weight));
+        Self {
+            router: Router::new(weights.collect()),
+            shadow: manifest.shadow.clone(),
+        }
+    }
 }
 
 /// One logical model and its variants.
@@ -39,19 +58,38 @@ pub struct ServedModel {
     pub input: InputSpec,
     pub baseline: String,
     pub variants: Vec<Variant>,
-    pub router: Router,
+    routing: RwLock<Routing>,
 }
 
 impl ServedModel {
+    pub fn routing(&self) -> Routing {
+        self.routing.read().unwrap().clone()
+    }
+
     /// The named variant, or the router's pick for `routing_key` when `name` is empty.
     pub fn variant(&self, name: &str, routing_key: &str) -> Result<&Variant, ServeError> {
-        let name = if name.is_empty() {
-            self.router
+        if name.is_empty() {
+            let routing = self.routing.read().unwrap();
+            let picked = routing
+                .router
                 .pick(routing_key)
-                .ok_or_else(|| ServeError::NoRoutableVariant(self.name.clone()))?
-        } else {
-            name
-        };
+                .ok_or_else(|| ServeError::NoRoutableVariant(self.name.clone()))?;
+            return self.find(picked);
+        }
+        self.find(name)
+    }
+
+    /// The variant that shadows `answering` for this request, if any.
+    pub fn shadow_for(&self, answering: &Variant) -> Option<&Variant> {
+        let routing = self.routing.read().unwrap();
+        let shadow = routing.shadow.as_ref()?;
+        if shadow.variant == answering.name || !crate::router::sample(shadow.fraction) {
+            return None;
+        }
+        self.find(&shadow.variant).ok()
+    }
+
+    fn find(&self, name: &str) -> Result<&Variant, ServeError> {
         self.variants
             .iter()
             .find(|v| v.name == name)
@@ -93,6 +131,31 @@ impl Registry {
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
         self.models.values()
+    }
+
+    /// Applies the routing weights and shadow settings of re-read manifests to the models
+    /// already served (variants, weights files and batching need a restart). Requests keep
+    /// flowing: each sees the old or the new routing, never none.
+    pub fn reload_routing(&self, manifests: &[Manifest]) -> Vec<String> {
+        let mut reloaded = Vec::new();
+        for manifest in manifests {
+            let Some(model) = self.models.get(&manifest.name) else {
+                tracing::warn!(model = %manifest.name, "not served; adding a model needs a restart");
+                continue;
+            };
+            let same_variants = manifest.variants.len() == model.variants.len()
+                && manifest
+                    .variants
+                    .iter()
+                    .all(|v| model.find(&v.name).is_ok());
+            if !same_variants {
+                tracing::warn!(model = %manifest.name, "variants changed; that needs a restart");
+                continue;
+            }
+            *model.routing.write().unwrap() = Routing::from_manifest(manifest);
+            reloaded.push(manifest.name.clone());
+        }
+        reloaded
     }
 
     /// Loads every manifest's variants on `device`, warms each up, and starts its batcher and
@@ -142,7 +205,7 @@ fn load_model(
             baseline_macs = cost.macs;
         }
         let (batch_tx, batch_rx) = mpsc::channel(1);
-        let (queue, _) = spawn_batcher(&vm.name, batching, batch_tx);
+        let (queue, _) = spawn_batcher(&vm.name, vm.batching.unwrap_or(batching), batch_tx);
         let shape = (input.channels, input.height, input.width);
         let observer = SavingsObserver {
             index: i,
@@ -172,7 +235,6 @@ fn load_model(
                 name: vm.name.clone(),
                 arch: vm.arch.clone(),
                 alpha: vm.alpha,
-                routing_weight: vm.routing_weight,
                 accuracy: vm.test_accuracy,
                 cost,
                 queue,
@@ -181,20 +243,13 @@ fn load_model(
             }
         })
         .collect();
-    let router = Router::new(
-        manifest
-            .variants
-            .iter()
-            .map(|v| (v.name.clone(), v.routing_weight))
-            .collect(),
-    );
     Ok(ServedModel {
         name: manifest.name.clone(),
         labels: manifest.labels.clone(),
         input: input.clone(),
         baseline: manifest.baseline.clone(),
         variants,
-        router,
+        routing: RwLock::new(Routing::from_manifest(manifest)),
     })
 }
 

@@ -20,10 +20,18 @@ impl Router {
         Self { weights }
     }
 
+    /// The routing weight of `variant` (0 when it has none).
+    pub fn weight(&self, variant: &str) -> f64 {
+        self.weights
+            .iter()
+            .find(|(name, _)| name == variant)
+            .map_or(0., |(_, w)| *w)
+    }
+
     /// The variant for `routing_key`; an empty key gets a fresh random one.
     pub fn pick(&self, routing_key: &str) -> Option<&str> {
         let key = if routing_key.is_empty() {
-            mix(ANONYMOUS.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
+            random_u64()
         } else {
             fnv1a(routing_key.as_bytes())
         };
@@ -39,6 +47,15 @@ impl Router {
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(name, _)| name)
     }
+}
+
+fn random_u64() -> u64 {
+    mix(ANONYMOUS.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
+}
+
+/// True with probability `fraction`.
+pub fn sample(fraction: f64) -> bool {
+    fraction >= 1. || ((random_u64() >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

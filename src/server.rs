@@ -73,10 +73,12 @@ pub async fn run(
         let options = options.clone();
         let set_health = set_health.clone();
         tokio::spawn(async move {
-            let registry = tokio::task::spawn_blocking(move || load_registry(&options)).await??;
+            let (registry, manifests) =
+                tokio::task::spawn_blocking(move || load_registry(&options)).await??;
             state.set_registry(registry);
             set_health(ServingStatus::Serving).await;
             tracing::info!("models loaded; serving");
+            tokio::spawn(reload_on_hangup(state, manifests));
             anyhow::Ok(())
         })
     };
@@ -112,7 +114,26 @@ pub async fn run(
     server.await.context("gRPC server failed")
 }
 
-fn load_registry(options: &ServeOptions) -> anyhow::Result<Registry> {
+/// Re-reads the manifests' routing weights and shadow settings on every SIGHUP.
+async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match state.reload_routing(&manifests) {
+                Ok(models) => tracing::info!(?models, "routing reloaded"),
+                Err(e) => tracing::error!(error = %e, "reload failed; keeping the old routing"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (state, manifests);
+}
+
+fn load_registry(options: &ServeOptions) -> anyhow::Result<(Registry, Vec<PathBuf>)> {
     let paths = options.config.manifest_paths(&options.models_dir)?;
     anyhow::ensure!(
         !paths.is_empty(),
@@ -123,5 +144,6 @@ fn load_registry(options: &ServeOptions) -> anyhow::Result<Registry> {
         .iter()
         .map(|p| Manifest::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    Registry::load(&manifests, options.config.batching, &options.device)
+    let registry = Registry::load(&manifests, options.config.batching, &options.device)?;
+    Ok((registry, paths))
 }

@@ -65,6 +65,15 @@ impl ServingState {
         let _ = self.registry.set(registry);
     }
 
+    /// Re-reads `manifests` and applies their routing weights and shadow settings.
+    pub fn reload_routing(&self, manifests: &[std::path::PathBuf]) -> anyhow::Result<Vec<String>> {
+        let manifests = manifests
+            .iter()
+            .map(|p| crate::config::Manifest::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.registry()?.reload_routing(&manifests))
+    }
+
     pub fn registry(&self) -> Result<&Registry, ServeError> {
         self.registry.get().ok_or(ServeError::Loading)
     }
@@ -134,7 +143,7 @@ impl ServingState {
         let started = Instant::now();
         let model = self.registry()?.model(&request.model)?;
         let variant = model.variant(&request.variant, &request.routing_key)?;
-        let result = async {
+        let result: Result<Classified<'_>, ServeError> = async {
             let spec = model.input.clone();
             let limits = self.limits;
             let image = request.image;
@@ -143,7 +152,14 @@ impl ServingState {
                 .map_err(|e| {
                     ServeError::InvalidArgument(format!("image decoding failed: {e}"))
                 })??;
-            self.infer(model, variant, input, deadline).await
+            let shadow = model
+                .shadow_for(variant)
+                .and_then(|s| ShadowRun::submit(s, &input));
+            let classified = self.infer(model, variant, input, deadline).await?;
+            if let Some(shadow) = shadow {
+                shadow.compare(&classified.prediction);
+            }
+            Ok(classified)
         }
         .await;
         let latency = started.elapsed().as_secs_f64();
@@ -155,6 +171,52 @@ impl ServingState {
         variant.stats.record_request(latency * 1e3);
         Ok(response(&classified, request.top_k, started.elapsed()))
     }
+}
+
+/// A request mirrored to a shadow variant: computed in the background, compared with the
+/// answer, never delaying it.
+struct ShadowRun {
+    reply: tokio::sync::oneshot::Receiver<Result<Prediction, InferError>>,
+    submitted: Instant,
+    stats: Arc<crate::stats::LiveStats>,
+    labels: crate::metrics::VariantLabels,
+}
+
+impl ShadowRun {
+    /// Queues a copy of `input` on `shadow`, unless its queue is half full: shadow work is
+    /// dropped before it could crowd out requests that variant answers itself.
+    fn submit(shadow: &Variant, input: &[f32]) -> Option<Self> {
+        if shadow.queue.depth() >= shadow.queue.capacity() / 2 {
+            tracing::debug!(variant = %shadow.name, "shadow queue busy; skipping");
+            return None;
+        }
+        let (job, reply) = Job::new(input.to_vec(), None);
+        shadow.queue.submit(job).ok()?;
+        Some(Self {
+            reply,
+            submitted: Instant::now(),
+            stats: shadow.stats.clone(),
+            labels: shadow.labels.clone(),
+        })
+    }
+
+    /// Waits for the shadow in a background task and records agreement and latency difference.
+    fn compare(self, answer: &Prediction) {
+        let answered_after = self.submitted.elapsed().as_secs_f64();
+        let answer_top1 = argmax(&answer.probabilities);
+        tokio::spawn(async move {
+            if let Ok(Ok(shadow)) = self.reply.await {
+                let delta = self.submitted.elapsed().as_secs_f64() - answered_after;
+                let agree = argmax(&shadow.probabilities) == answer_top1;
+                self.stats.record_shadow(agree, delta);
+                self.labels.shadow(agree, delta);
+            }
+        });
+    }
+}
+
+fn argmax(values: &[f32]) -> Option<usize> {
+    (0..values.len()).max_by(|&a, &b| values[a].total_cmp(&values[b]))
 }
 
 /// The `top_k` most probable classes (0 means 5), best first.
@@ -272,6 +334,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
 fn model_info(model: &ServedModel) -> pb::ModelInfo {
     let baseline = model.baseline();
     let base_stats = baseline.stats.snapshot();
+    let routing = model.routing();
     let variants = model
         .variants
         .iter()
@@ -286,7 +349,7 @@ fn model_info(model: &ServedModel) -> pb::ModelInfo {
                 activation_bytes: v.cost.activation_bytes as u64,
                 accuracy: v.accuracy.unwrap_or(0.),
                 baseline: v.name == model.baseline,
-                routing_weight: v.routing_weight,
+                routing_weight: routing.router.weight(&v.name),
                 stats: Some(pb::VariantStats {
                     requests: s.requests,
                     p50_ms: s.p50_ms,
@@ -297,8 +360,9 @@ fn model_info(model: &ServedModel) -> pb::ModelInfo {
                         s.seconds_per_image,
                         base_stats.seconds_per_image,
                     ),
-                    shadow_comparisons: 0,
-                    shadow_agreements: 0,
+                    shadow_comparisons: s.shadow_comparisons,
+                    shadow_agreements: s.shadow_agreements,
+                    shadow_latency_delta_ms: s.shadow_latency_delta_ms,
                     measured_activation_bytes: s.bytes_per_image as u64,
                 }),
             }
@@ -311,5 +375,11 @@ fn model_info(model: &ServedModel) -> pb::ModelInfo {
         input_channels: model.input.channels as u32,
         input_height: model.input.height as u32,
         input_width: model.input.width as u32,
+        shadow_variant: routing
+            .shadow
+            .as_ref()
+            .map(|s| s.variant.clone())
+            .unwrap_or_default(),
+        shadow_fraction: routing.shadow.as_ref().map_or(0., |s| s.fraction),
     }
 }

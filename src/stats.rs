@@ -19,6 +19,9 @@ struct Inner {
     latencies_ms: VecDeque<f64>,
     bytes_per_image: f64,
     seconds_per_image: f64,
+    shadow_comparisons: u64,
+    shadow_agreements: u64,
+    shadow_delta_seconds_sum: f64,
 }
 
 /// A copy of one variant's statistics.
@@ -29,6 +32,11 @@ pub struct StatsSnapshot {
     pub p99_ms: f64,
     pub bytes_per_image: f64,
     pub seconds_per_image: f64,
+    /// Requests this variant computed as a shadow, and how many agreed on the top-1 class.
+    pub shadow_comparisons: u64,
+    pub shadow_agreements: u64,
+    /// Mean of (shadow latency - answering variant's latency).
+    pub shadow_latency_delta_ms: f64,
 }
 
 impl LiveStats {
@@ -52,6 +60,14 @@ impl LiveStats {
         s.bytes_per_image = peak_bytes as f64 / size as f64;
     }
 
+    /// One shadow comparison made with this variant as the shadow.
+    pub fn record_shadow(&self, agree: bool, latency_delta_seconds: f64) {
+        let mut s = self.inner.lock().unwrap();
+        s.shadow_comparisons += 1;
+        s.shadow_agreements += u64::from(agree);
+        s.shadow_delta_seconds_sum += latency_delta_seconds;
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = self.inner.lock().unwrap().clone();
         let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
@@ -69,6 +85,10 @@ impl LiveStats {
             p99_ms: pct(0.99),
             bytes_per_image: s.bytes_per_image,
             seconds_per_image: s.seconds_per_image,
+            shadow_comparisons: s.shadow_comparisons,
+            shadow_agreements: s.shadow_agreements,
+            shadow_latency_delta_ms: 1e3 * s.shadow_delta_seconds_sum
+                / s.shadow_comparisons.max(1) as f64,
         }
     }
 }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use octserve::model::cost::{CostTracker, FeatureShape, OctShape};
-use octserve::model::layers::{avg_pool2x2, max_pool3x3s2p1, upsample2x_to, Conv2d};
+use octserve::model::layers::{add_upsampled, avg_pool2x2, max_pool3x3s2p1, upsample2x_to, Conv2d};
 use octserve::model::octconv::{OctConvBn, OctConvConfig};
 use octserve::model::{Model, ModelConfig};
 
@@ -45,6 +45,18 @@ fn upsample_repeats_and_crops_to_the_high_branch() {
         values(&y),
         vec![1., 1., 2., 2., 1., 1., 2., 2., 3., 3., 4., 4.]
     );
+}
+
+#[test]
+fn add_upsampled_equals_the_explicit_upsample_and_add() {
+    let dev = &Device::Cpu;
+    for (h, w) in [(8, 6), (7, 5), (8, 5)] {
+        let high = Tensor::randn(0f32, 1., (2, 3, h, w), dev).unwrap();
+        let low = Tensor::randn(0f32, 1., (2, 3, h.div_ceil(2), w.div_ceil(2)), dev).unwrap();
+        let fused = add_upsampled(&high, &low).unwrap();
+        let explicit = high.add(&upsample2x_to(&low, h, w).unwrap()).unwrap();
+        assert_eq!(values(&fused), values(&explicit), "{h}x{w}");
+    }
 }
 
 #[test]

@@ -55,7 +55,8 @@ async fn sample_images_are_classified_correctly_by_every_variant() {
             correct += usize::from(&reply.classes[0].label == label);
         }
         // The README's example image.
-        let trouser = std::fs::read(shipped_models().join("fashion-mnist/samples/0002_trouser.png")).unwrap();
+        let trouser =
+            std::fs::read(shipped_models().join("fashion-mnist/samples/0002_trouser.png")).unwrap();
         let request = ClassifyRequest {
             model: "fashion-mnist".into(),
             variant: variant.clone(),
@@ -77,7 +78,9 @@ fn every_shipped_variant_keeps_its_recorded_test_accuracy() {
     let data = load_test_set(Path::new(DATA)).unwrap();
     let manifest = manifest();
     for variant in &manifest.variants {
-        let recorded = variant.test_accuracy.expect("the manifest records each variant's accuracy");
+        let recorded = variant
+            .test_accuracy
+            .expect("the manifest records each variant's accuracy");
         let (model, _) = build_variant(&manifest, variant, &Device::Cpu).unwrap();
         let eval = evaluate(&model, &manifest.input, &data, &Device::Cpu).unwrap();
         assert_eq!(eval.n, 10_000);

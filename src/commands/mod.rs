@@ -1,5 +1,6 @@
 //! One module per `octserve` subcommand.
 
+pub mod ab;
 pub mod bench;
 pub mod classify;
 pub mod eval;

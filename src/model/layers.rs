@@ -59,8 +59,12 @@ impl Conv2d {
     }
 
     /// Scales each output channel and adds `shift` to the bias: how a BatchNorm folds in.
+    /// The result is detached from any autograd graph (random weights are candle `Var`s).
     pub fn scale_shift(&self, scale: &Tensor, shift: Option<&Tensor>) -> Result<Self> {
-        let weight = self.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+        let weight = self
+            .weight
+            .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?
+            .detach();
         let scaled_bias = self.bias.as_ref().map(|b| b.mul(scale)).transpose()?;
         let bias = match (scaled_bias, shift) {
             (Some(b), Some(s)) => Some(b.add(s)?),
@@ -68,7 +72,7 @@ impl Conv2d {
         };
         Ok(Self {
             weight,
-            bias,
+            bias: bias.map(|b| b.detach()),
             ..self.clone()
         })
     }
@@ -242,6 +246,15 @@ impl Linear {
         })
     }
 
+    /// The same layer without autograd tracking, for inference.
+    pub fn detached(&self) -> Self {
+        let weight = self.inner.weight().detach();
+        let bias = self.inner.bias().map(Tensor::detach);
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
     pub fn cost(&self, features: usize, t: &mut CostTracker) -> usize {
         let classes = self.inner.weight().dim(0).unwrap_or(0);
         t.add_macs(features * classes);
@@ -296,6 +309,19 @@ pub fn upsample2x_to(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         .broadcast_as((n, c, hl, 2, wl, 2))?
         .reshape((n, c, 2 * hl, 2 * wl))?;
     up.narrow(2, 0, h)?.narrow(3, 0, w)
+}
+
+/// `high + upsample2x_to(low, ...)` without materialising the upsampled map when the sizes are
+/// exactly 2:1: the sum broadcasts `low` over each 2x2 cell of `high`.
+pub fn add_upsampled(high: &Tensor, low: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = high.dims4()?;
+    let (_, _, hl, wl) = low.dims4()?;
+    if (h, w) != (2 * hl, 2 * wl) {
+        return high.add(&upsample2x_to(low, h, w)?);
+    }
+    high.reshape((n, c, hl, 2, wl, 2))?
+        .broadcast_add(&low.reshape((n, c, hl, 1, wl, 1))?)?
+        .reshape((n, c, h, w))
 }
 
 /// 3x3 max pool, stride 2, padding 1 (the ResNet stem's), computed separably along each axis.

@@ -97,7 +97,8 @@ impl Model {
         }
     }
 
-    /// The same function with every BatchNorm folded into the conv before it: the inference form.
+    /// The same function with every BatchNorm folded into the conv before it and no autograd
+    /// tracking: the inference form.
     pub fn folded(&self) -> Result<Self> {
         let net = match &self.net {
             Net::Vanilla(n) => Net::Vanilla(n.folded()?),

@@ -179,7 +179,7 @@ impl<U: ConvUnit> Network<U> {
                 .iter()
                 .map(Block::folded)
                 .collect::<Result<_>>()?,
-            fc: self.fc.clone(),
+            fc: self.fc.detached(),
         })
     }
 

@@ -18,7 +18,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cost::{CostTracker, FeatureShape, OctShape};
-use super::layers::{avg_pool2x2, halved, upsample2x_to, BatchNorm, Conv2d};
+use super::layers::{add_upsampled, avg_pool2x2, halved, BatchNorm, Conv2d};
 
 /// An octave feature map: the full-resolution part and the optional half-resolution part.
 #[derive(Clone, Debug)]
@@ -230,10 +230,7 @@ impl OctaveConv {
         };
         let l2h = self.l2h.as_ref().map(|c| c.forward(x_low)).transpose()?;
         let high = match (h2h, l2h) {
-            (Some(h), Some(l)) if self.stride == 1 => {
-                let (_, _, hh, hw) = h.dims4()?;
-                h.add(&upsample2x_to(&l, hh, hw)?)?
-            }
+            (Some(h), Some(l)) if self.stride == 1 => add_upsampled(&h, &l)?,
             (Some(h), Some(l)) => h.add(&l)?,
             (Some(h), None) => h,
             (None, _) => candle_core::bail!("octave conv without a high output"),
