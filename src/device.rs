@@ -12,8 +12,12 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("unknown device '{s}'; use cpu, cuda or cuda:N"))?,
     };
-    Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("cannot open {s}: {e} (is this a --features cuda build?)"))
+    let hint = if cfg!(feature = "cuda") {
+        ""
+    } else {
+        " (this binary was built without --features cuda)"
+    };
+    Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}{hint}"))
 }
 
 /// Free and total bytes of a device's memory.
