@@ -11,7 +11,7 @@ use image::{DynamicImage, ImageBuffer, ImageFormat, Luma};
 
 use common::TestServer;
 use octserve::config::ServeConfig;
-use octserve::pb::{ClassifyRequest, ListModelsRequest, ModelInfo};
+use octserve::pb::{ClassifyRequest, ModelInfo};
 
 fn png() -> Vec<u8> {
     let image = DynamicImage::ImageLuma8(ImageBuffer::from_fn(28, 28, |x, y| {
@@ -77,13 +77,7 @@ fn classify(key: &str) -> ClassifyRequest {
 }
 
 async fn model_info(server: &TestServer, name: &str) -> ModelInfo {
-    let models = server
-        .client()
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = server.models().await;
     models.into_iter().find(|m| m.name == name).unwrap()
 }
 

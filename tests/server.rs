@@ -10,7 +10,7 @@ use tonic::Code;
 
 use common::{random_model_dir, TestServer};
 use octserve::config::{BatchingConfig, ServeConfig};
-use octserve::pb::{ClassifyRequest, ListModelsRequest};
+use octserve::pb::ClassifyRequest;
 
 fn request(model: &str, image: Vec<u8>) -> ClassifyRequest {
     ClassifyRequest {
@@ -213,13 +213,7 @@ async fn unknown_model_or_variant_is_not_found() {
 #[tokio::test]
 async fn list_models_reports_variants_and_their_costs() {
     let (server, _dir) = random_server(None).await;
-    let models = server
-        .client()
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = server.models().await;
     assert_eq!(models.len(), 1);
     let toy = &models[0];
     assert_eq!(

@@ -9,17 +9,12 @@ use serde::Serialize;
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::ClassifyRequest;
 
-use super::print_json;
+use super::{print_json, TargetArgs};
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
-    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
-    #[arg(long, env = "OCTSERVE_MODEL")]
-    pub model: String,
-    /// Empty: the server's A/B router picks.
-    #[arg(long, env = "OCTSERVE_VARIANT", default_value = "")]
-    pub variant: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     #[arg(long, env = "OCTSERVE_TOP_K", default_value_t = 1)]
     pub top_k: u32,
     #[arg(long, env = "OCTSERVE_ROUTING_KEY", default_value = "")]
@@ -49,16 +44,16 @@ pub fn run(args: &ClassifyArgs) -> anyhow::Result<()> {
 }
 
 async fn classify(args: &ClassifyArgs) -> anyhow::Result<()> {
-    let mut client = ClassifierClient::connect(args.addr.clone())
+    let mut client = ClassifierClient::connect(args.target.addr.clone())
         .await
-        .with_context(|| format!("connecting to {}", args.addr))?
+        .with_context(|| format!("connecting to {}", args.target.addr))?
         .max_decoding_message_size(usize::MAX);
     let mut results = Vec::new();
     for path in &args.images {
         let image = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let request = ClassifyRequest {
-            model: args.model.clone(),
-            variant: args.variant.clone(),
+            model: args.target.model.clone(),
+            variant: args.target.variant.clone(),
             image,
             top_k: args.top_k,
             routing_key: args.routing_key.clone(),

@@ -15,17 +15,12 @@ use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::ClassifyRequest;
 
 use super::bench::percentile;
-use super::print_json;
+use super::{print_json, TargetArgs};
 
 #[derive(Args, Debug)]
 pub struct LoadgenArgs {
-    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
-    #[arg(long, env = "OCTSERVE_MODEL")]
-    pub model: String,
-    /// Empty: the server's A/B router picks.
-    #[arg(long, env = "OCTSERVE_VARIANT", default_value = "")]
-    pub variant: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     #[arg(long, env = "OCTSERVE_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
     /// Seconds to send for.
@@ -73,10 +68,10 @@ async fn load(args: &LoadgenArgs) -> anyhow::Result<()> {
     let images = Arc::new(read_images(&args.images)?);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let channel = Channel::from_shared(args.addr.clone())?
+        let channel = Channel::from_shared(args.target.addr.clone())?
             .connect()
             .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
+            .with_context(|| format!("connecting to {}", args.target.addr))?;
         channels.push(channel);
     }
     let started = Instant::now();
@@ -85,7 +80,7 @@ async fn load(args: &LoadgenArgs) -> anyhow::Result<()> {
         .map(|i| {
             let client = ClassifierClient::new(channels[i % channels.len()].clone());
             let images = images.clone();
-            let (model, variant) = (args.model.clone(), args.variant.clone());
+            let (model, variant) = (args.target.model.clone(), args.target.variant.clone());
             let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
             tokio::spawn(client_loop(
                 client, images, model, variant, timeout, i, stop_at,

@@ -41,6 +41,18 @@ impl ModelArgs {
     }
 }
 
+/// Which server, model and variant a client command talks to.
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    #[arg(long, env = "OCTSERVE_MODEL")]
+    pub model: String,
+    /// Empty: the server's A/B router picks.
+    #[arg(long, env = "OCTSERVE_VARIANT", default_value = "")]
+    pub variant: String,
+}
+
 /// Prints `value` as one JSON object on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);

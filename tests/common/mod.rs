@@ -64,6 +64,17 @@ impl TestServer {
         ClassifierClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
+    /// The served models, from `ListModels`.
+    pub async fn models(&self) -> Vec<octserve::pb::ModelInfo> {
+        let request = octserve::pb::ListModelsRequest {};
+        self.client()
+            .list_models(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .models
+    }
+
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut health = HealthClient::new(self.channel.clone());
         let request = HealthCheckRequest {
