@@ -260,15 +260,10 @@ pub fn build_variant(
     vm: &VariantManifest,
     device: &Device,
 ) -> anyhow::Result<(Model, CostReport)> {
-    let source: WeightSource = manifest
-        .weights_path(vm)
-        .to_str()
-        .context("weights path is not UTF-8")?
-        .parse()?;
     let source = if vm.weights.as_os_str() == "random" {
         WeightSource::Random
     } else {
-        source
+        WeightSource::File(manifest.weights_path(vm))
     };
     let vb = source.var_builder(DType::F32, device)?;
     let model = Model::new(manifest.model_config(vm), vb)?;
