@@ -297,13 +297,10 @@ impl SavingsObserver {
         let per_image = report.peak_bytes as f64 / report.size as f64;
         self.stats[self.index].record_batch(report.size, seconds, report.peak_bytes);
         self.labels[self.index].batch(report.size, seconds, per_image);
-        let base = self.stats[self.baseline].snapshot();
+        let (base_bytes, base_seconds) = self.stats[self.baseline].per_image();
         for (stats, labels) in self.stats.iter().zip(&self.labels) {
-            let s = stats.snapshot();
-            labels.savings(
-                savings(s.bytes_per_image, base.bytes_per_image),
-                savings(s.seconds_per_image, base.seconds_per_image),
-            );
+            let (bytes, seconds) = stats.per_image();
+            labels.savings(savings(bytes, base_bytes), savings(seconds, base_seconds));
         }
     }
 }

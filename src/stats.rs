@@ -68,6 +68,13 @@ impl LiveStats {
         s.shadow_delta_seconds_sum += latency_delta_seconds;
     }
 
+    /// `(bytes, seconds)` per image of the recent batches: what the savings ratios need, without
+    /// copying and sorting the latency window as [`Self::snapshot`] does.
+    pub fn per_image(&self) -> (f64, f64) {
+        let s = self.inner.lock().unwrap();
+        (s.bytes_per_image, s.seconds_per_image)
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = self.inner.lock().unwrap().clone();
         let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
