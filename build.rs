@@ -1,7 +1,10 @@
 //! Compiles the gRPC protos into OUT_DIR with protox (pure Rust: no system protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/octserve/v1/classifier.proto"];
+    let protos = [
+        "proto/octserve/v1/classifier.proto",
+        "proto/kserve/open_inference_grpc.proto",
+    ];
     let descriptors = protox::compile(protos, ["proto"])?;
     let descriptor_path =
         std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");

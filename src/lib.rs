@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod evaluate;
+pub mod kserve;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;
@@ -21,6 +22,11 @@ pub mod worker;
 /// Code generated from `proto/` (see build.rs).
 pub mod pb {
     tonic::include_proto!("octserve.v1");
+
+    /// The Open Inference Protocol (KServe v2), package `inference`.
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
 
     /// Descriptors of every served proto, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

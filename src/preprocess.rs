@@ -26,8 +26,11 @@ pub struct InputSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
 pub struct ImageLimits {
+    /// One encoded image (and so one `Classify` message).
     pub max_encoded_bytes: usize,
     pub max_pixels: u64,
+    /// One KServe `ModelInfer` message, which carries a whole batch of images or tensors.
+    pub max_request_bytes: usize,
 }
 
 impl Default for ImageLimits {
@@ -35,6 +38,7 @@ impl Default for ImageLimits {
         Self {
             max_encoded_bytes: 8 << 20,
             max_pixels: 40_000_000,
+            max_request_bytes: 32 << 20,
         }
     }
 }

@@ -14,9 +14,17 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::{Manifest, ServeConfig};
+use crate::kserve::InferenceService;
 use crate::pb;
+use crate::pb::classifier_server::ClassifierServer;
+use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
 use crate::service::{ClassifierService, ServingState};
+
+const CLASSIFIER_NAME: &str =
+    <ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME;
+const INFERENCE_NAME: &str =
+    <GrpcInferenceServiceServer<InferenceService> as tonic::server::NamedService>::NAME;
 
 /// Headroom over the image limit for the rest of a request message.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
@@ -57,12 +65,12 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let classifier_name = <pb::classifier_server::ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME;
     let set_health = move |status| {
         let health = health.clone();
         async move {
-            health.set_service_status("", status).await;
-            health.set_service_status(classifier_name, status).await;
+            for service in ["", CLASSIFIER_NAME, INFERENCE_NAME] {
+                health.set_service_status(service, status).await;
+            }
         }
     };
     set_health(ServingStatus::NotServing).await;
@@ -87,9 +95,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let max_message = options.config.limits.max_encoded_bytes + MESSAGE_OVERHEAD;
-    let classifier =
-        pb::classifier_server::ClassifierServer::new(ClassifierService::new(state.clone()))
-            .max_decoding_message_size(max_message);
+    let classifier = ClassifierServer::new(ClassifierService::new(state.clone()))
+        .max_decoding_message_size(max_message);
+    // KServe requests carry a batch: several images or an FP32 tensor.
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state.clone()))
+        .max_decoding_message_size(options.config.limits.max_request_bytes + MESSAGE_OVERHEAD)
+        .max_encoding_message_size(usize::MAX);
 
     let drain = {
         let state = state.clone();
@@ -104,6 +115,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(classifier)
+        .add_service(inference)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain);
 
     tokio::pin!(server);

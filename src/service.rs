@@ -46,13 +46,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A classified image: which variant answered and its prediction.
-pub struct Classified<'a> {
-    pub model: &'a ServedModel,
-    pub variant: &'a Variant,
-    pub prediction: Prediction,
-}
-
 impl ServingState {
     pub fn new(limits: ImageLimits) -> Self {
         Self {
@@ -108,14 +101,37 @@ impl ServingState {
         }
     }
 
-    /// Classifies already-decoded input on `model`/`variant` (empty: the router picks).
-    pub async fn infer<'a>(
-        &'a self,
-        model: &'a ServedModel,
-        variant: &'a Variant,
+    /// Whether the models are loaded and the server is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.registry.get().is_some() && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Decodes one encoded image into `model`'s input, on the blocking pool.
+    pub async fn decode(
+        &self,
+        model: &ServedModel,
+        image: Vec<u8>,
+    ) -> Result<Vec<f32>, ServeError> {
+        let spec = model.input.clone();
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || preprocess(&image, &spec, &limits))
+            .await
+            .map_err(|e| ServeError::InvalidArgument(format!("image decoding failed: {e}")))?
+            .map_err(ServeError::from)
+    }
+
+    /// Classifies one decoded input on `variant` of `model`, mirroring it to the shadow variant
+    /// when the routing says so.
+    pub async fn infer(
+        &self,
+        model: &ServedModel,
+        variant: &Variant,
         input: Vec<f32>,
         deadline: Option<Instant>,
-    ) -> Result<Classified<'a>, ServeError> {
+    ) -> Result<Prediction, ServeError> {
+        let shadow = model
+            .shadow_for(variant)
+            .and_then(|s| ShadowRun::submit(s, &input));
         let (job, reply) = Job::new(input, deadline);
         variant.queue.submit(job)?;
         variant.labels.queue_depth(variant.queue.depth());
@@ -127,11 +143,10 @@ impl ServingState {
         };
         let prediction = reply.map_err(|_| InferError::ShuttingDown)??;
         variant.labels.queued(prediction.queue_time.as_secs_f64());
-        Ok(Classified {
-            model,
-            variant,
-            prediction,
-        })
+        if let Some(shadow) = shadow {
+            shadow.compare(&prediction);
+        }
+        Ok(prediction)
     }
 
     /// The whole `Classify` path for one request, with its metrics.
@@ -143,34 +158,37 @@ impl ServingState {
         let started = Instant::now();
         let model = self.registry()?.model(&request.model)?;
         let variant = model.variant(&request.variant, &request.routing_key)?;
-        let result: Result<Classified<'_>, ServeError> = async {
-            let spec = model.input.clone();
-            let limits = self.limits;
-            let image = request.image;
-            let input = tokio::task::spawn_blocking(move || preprocess(&image, &spec, &limits))
-                .await
-                .map_err(|e| {
-                    ServeError::InvalidArgument(format!("image decoding failed: {e}"))
-                })??;
-            let shadow = model
-                .shadow_for(variant)
-                .and_then(|s| ShadowRun::submit(s, &input));
-            let classified = self.infer(model, variant, input, deadline).await?;
-            if let Some(shadow) = shadow {
-                shadow.compare(&classified.prediction);
-            }
-            Ok(classified)
+        let result = async {
+            let input = self.decode(model, request.image).await?;
+            self.infer(model, variant, input, deadline).await
         }
         .await;
-        let latency = started.elapsed().as_secs_f64();
-        let code = result
-            .as_ref()
-            .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-        variant.labels.request(code, latency);
-        let classified = result?;
-        variant.stats.record_request(latency * 1e3);
-        Ok(response(&classified, request.top_k, started.elapsed()))
+        let prediction = record_request(variant, started, result)?;
+        Ok(response(
+            model,
+            variant,
+            &prediction,
+            request.top_k,
+            started.elapsed(),
+        ))
     }
+}
+
+/// Records a finished request's status and latency on the variant that answered it.
+pub fn record_request<T>(
+    variant: &Variant,
+    started: Instant,
+    result: Result<T, ServeError>,
+) -> Result<T, ServeError> {
+    let latency = started.elapsed().as_secs_f64();
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+    variant.labels.request(code, latency);
+    if result.is_ok() {
+        variant.stats.record_request(latency * 1e3);
+    }
+    result
 }
 
 /// A request mirrored to a shadow variant: computed in the background, compared with the
@@ -235,12 +253,17 @@ pub fn top_k(probabilities: &[f32], labels: &[String], k: u32) -> Vec<pb::Class>
         .collect()
 }
 
-fn response(c: &Classified<'_>, k: u32, total: Duration) -> pb::ClassifyResponse {
-    let p = &c.prediction;
+fn response(
+    model: &ServedModel,
+    variant: &Variant,
+    p: &Prediction,
+    k: u32,
+    total: Duration,
+) -> pb::ClassifyResponse {
     pb::ClassifyResponse {
-        model: c.model.name.clone(),
-        variant: c.variant.name.clone(),
-        classes: top_k(&p.probabilities, &c.model.labels, k),
+        model: model.name.clone(),
+        variant: variant.name.clone(),
+        classes: top_k(&p.probabilities, &model.labels, k),
         timing: Some(pb::Timing {
             queue_us: p.queue_time.as_micros() as u64,
             compute_us: p.compute_time.as_micros() as u64,
