@@ -35,6 +35,8 @@ pub enum InferError {
     ShuttingDown,
     #[error("the model failed on this batch: {0}")]
     Model(String),
+    #[error("the model worker died computing this batch; it is being restarted")]
+    WorkerDied,
 }
 
 /// One image waiting to be computed.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::model::{Arch, ModelConfig};
 use crate::preprocess::{ImageLimits, InputSpec};
+use crate::security::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,6 +66,8 @@ pub struct ServeConfig {
     pub limits: ImageLimits,
     /// Seconds to finish accepted requests after SIGTERM before exiting.
     pub grace_period_secs: Option<u64>,
+    /// TLS for the gRPC port; paths relative to the config file.
+    pub tls: Option<TlsConfig>,
 }
 
 impl ServeConfig {
@@ -72,6 +75,7 @@ impl ServeConfig {
         let mut config: Self = read_toml(path)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         config.models = config.models.iter().map(|m| dir.join(m)).collect();
+        config.tls = config.tls.map(|tls| tls.relative_to(dir));
         Ok(config)
     }
 

@@ -42,7 +42,7 @@ impl ServeError {
                 InferError::QueueFull { .. } => Code::ResourceExhausted,
                 InferError::DeadlineExceeded => Code::DeadlineExceeded,
                 InferError::ShuttingDown => Code::Unavailable,
-                InferError::Model(_) => Code::Internal,
+                InferError::Model(_) | InferError::WorkerDied => Code::Internal,
             },
         }
     }

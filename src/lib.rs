@@ -14,6 +14,7 @@ pub mod model;
 pub mod preprocess;
 pub mod registry;
 pub mod router;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod stats;

@@ -17,7 +17,7 @@ use crate::model::{CostReport, Model};
 use crate::preprocess::InputSpec;
 use crate::router::Router;
 use crate::stats::{savings, LiveStats};
-use crate::worker::{spawn_worker, BatchReport, CandleClassifier};
+use crate::worker::{spawn_worker, BatchReport, CandleClassifier, WorkerHealth};
 
 /// One loaded variant.
 pub struct Variant {
@@ -159,16 +159,17 @@ impl Registry {
     }
 
     /// Loads every manifest's variants on `device`, warms each up, and starts its batcher and
-    /// worker. Must run inside a tokio runtime.
+    /// worker (reporting to `health`). Must run inside a tokio runtime.
     pub fn load(
         manifests: &[Manifest],
         batching: BatchingConfig,
         device: &Device,
+        health: &WorkerHealth,
     ) -> anyhow::Result<Self> {
         let mut models = BTreeMap::new();
         for manifest in manifests {
             let batching = manifest.batching.unwrap_or(batching);
-            let model = load_model(manifest, batching, device)
+            let model = load_model(manifest, batching, device, health)
                 .with_context(|| format!("loading model '{}'", manifest.name))?;
             models.insert(manifest.name.clone(), Arc::new(model));
         }
@@ -180,6 +181,7 @@ fn load_model(
     manifest: &Manifest,
     batching: BatchingConfig,
     device: &Device,
+    health: &WorkerHealth,
 ) -> anyhow::Result<ServedModel> {
     let input = &manifest.input;
     let all_stats: Vec<Arc<LiveStats>> = manifest.variants.iter().map(|_| Arc::default()).collect();
@@ -218,6 +220,7 @@ fn load_model(
             CandleClassifier::new(model, device.clone(), shape),
             batch_rx,
             move |report| observer.observe(report),
+            health.clone(),
         )?;
         variants.push((vm, cost, queue));
     }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use candle_core::Device;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -19,7 +20,9 @@ use crate::pb;
 use crate::pb::classifier_server::ClassifierServer;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
+use crate::security::{ApiKey, RequireApiKey, TlsConfig};
 use crate::service::{ClassifierService, ServingState};
+use crate::worker::WorkerHealth;
 
 const CLASSIFIER_NAME: &str =
     <ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME;
@@ -38,6 +41,10 @@ pub struct ServeOptions {
     pub device: Device,
     /// Longest wait for accepted requests after shutdown is asked for.
     pub grace_period: Duration,
+    /// TLS on the gRPC port (the metrics port stays plain HTTP: bind it to a private address).
+    pub tls: Option<TlsConfig>,
+    /// Required on every RPC except health.
+    pub api_key: Option<ApiKey>,
 }
 
 /// Serves until `shutdown` completes, then refuses new requests, answers every accepted one
@@ -81,11 +88,13 @@ pub async fn run(
         let options = options.clone();
         let set_health = set_health.clone();
         tokio::spawn(async move {
+            let workers = state.workers.clone();
             let (registry, manifests) =
-                tokio::task::spawn_blocking(move || load_registry(&options)).await??;
+                tokio::task::spawn_blocking(move || load_registry(&options, &workers)).await??;
             state.set_registry(registry);
             set_health(ServingStatus::Serving).await;
             tracing::info!("models loaded; serving");
+            tokio::spawn(follow_workers(state.clone(), set_health));
             tokio::spawn(reload_on_hangup(state, manifests));
             anyhow::Ok(())
         })
@@ -94,6 +103,7 @@ pub async fn run(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let guard = RequireApiKey(options.api_key.clone());
     let max_message = options.config.limits.max_encoded_bytes + MESSAGE_OVERHEAD;
     let classifier = ClassifierServer::new(ClassifierService::new(state.clone()))
         .max_decoding_message_size(max_message);
@@ -111,11 +121,17 @@ pub async fn run(
             state.drain(options.grace_period).await;
         }
     };
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.server_config()?)
+            .context("TLS configuration")?;
+    }
+    let server = builder
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(classifier)
-        .add_service(inference)
+        .add_service(InterceptedService::new(reflection, guard.clone()))
+        .add_service(InterceptedService::new(classifier, guard.clone()))
+        .add_service(InterceptedService::new(inference, guard))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain);
 
     tokio::pin!(server);
@@ -145,7 +161,27 @@ async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>) {
     let _ = (state, manifests);
 }
 
-fn load_registry(options: &ServeOptions) -> anyhow::Result<(Registry, Vec<PathBuf>)> {
+/// Keeps health NOT_SERVING while a model worker is down (and once draining starts).
+async fn follow_workers<F, Fut>(state: Arc<ServingState>, set_health: F)
+where
+    F: Fn(ServingStatus) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut workers = state.workers.subscribe();
+    while workers.changed().await.is_ok() {
+        let status = if state.is_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(status).await;
+    }
+}
+
+fn load_registry(
+    options: &ServeOptions,
+    workers: &WorkerHealth,
+) -> anyhow::Result<(Registry, Vec<PathBuf>)> {
     let paths = options.config.manifest_paths(&options.models_dir)?;
     anyhow::ensure!(
         !paths.is_empty(),
@@ -156,6 +192,11 @@ fn load_registry(options: &ServeOptions) -> anyhow::Result<(Registry, Vec<PathBu
         .iter()
         .map(|p| Manifest::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let registry = Registry::load(&manifests, options.config.batching, &options.device)?;
+    let registry = Registry::load(
+        &manifests,
+        options.config.batching,
+        &options.device,
+        workers,
+    )?;
     Ok((registry, paths))
 }

@@ -21,6 +21,7 @@ use crate::pb;
 use crate::preprocess::{preprocess, ImageLimits};
 use crate::registry::{Registry, ServedModel, Variant};
 use crate::stats::savings;
+use crate::worker::WorkerHealth;
 
 /// Requests answered concurrently per `ClassifyStream` call.
 const STREAM_CONCURRENCY: usize = 32;
@@ -32,6 +33,8 @@ pub struct ServingState {
     pub limits: ImageLimits,
     draining: AtomicBool,
     in_flight: AtomicUsize,
+    /// The model workers: a dead one makes the server not ready until it is restarted.
+    pub workers: WorkerHealth,
     idle: Notify,
 }
 
@@ -101,9 +104,11 @@ impl ServingState {
         }
     }
 
-    /// Whether the models are loaded and the server is not draining.
+    /// Whether the models are loaded, every worker is up and the server is not draining.
     pub fn is_ready(&self) -> bool {
-        self.registry.get().is_some() && !self.draining.load(Ordering::Acquire)
+        self.registry.get().is_some()
+            && self.workers.all_up()
+            && !self.draining.load(Ordering::Acquire)
     }
 
     /// Decodes one encoded image into `model`'s input, on the blocking pool.
@@ -141,7 +146,8 @@ impl ServingState {
                 .map_err(|_| ServeError::DeadlineExceeded)?,
             None => reply.await,
         };
-        let prediction = reply.map_err(|_| InferError::ShuttingDown)??;
+        // Only a worker that died drops a job unanswered.
+        let prediction = reply.map_err(|_| InferError::WorkerDied)??;
         variant.labels.queued(prediction.queue_time.as_secs_f64());
         if let Some(shadow) = shadow {
             shadow.compare(&prediction);

@@ -1,12 +1,15 @@
 //! The model worker: one OS thread per variant runs its batches, so candle's compute never
 //! blocks a tokio worker. A failing or panicking batch answers its own requests with an error
-//! and the worker goes on with the next batch.
+//! and the worker goes on with the next batch. Should the thread die anyway, a supervisor
+//! thread starts a new one on a fresh copy of the model, and [`WorkerHealth`] shows the gap.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor, D};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::alloc::measure_peak;
 use crate::batcher::{InferError, Job, Prediction};
@@ -23,7 +26,8 @@ pub trait BatchModel: Send + 'static {
     }
 }
 
-/// A candle [`Model`] (BatchNorm folded) on a device.
+/// A candle [`Model`] (BatchNorm folded) on a device. Clones share the (immutable) weights.
+#[derive(Clone)]
 pub struct CandleClassifier {
     model: Model,
     device: Device,
@@ -76,33 +80,109 @@ pub struct BatchReport {
     pub ok: bool,
 }
 
-/// Starts the worker thread for one variant. It ends when `batches` closes.
+/// A dead worker is restarted after this pause, so a model that dies at once cannot spin.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+
+/// How many model workers are down right now; the server's health follows it.
+#[derive(Clone, Debug)]
+pub struct WorkerHealth(Arc<watch::Sender<usize>>);
+
+impl Default for WorkerHealth {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl WorkerHealth {
+    pub fn all_up(&self) -> bool {
+        *self.0.borrow() == 0
+    }
+
+    /// Changes whenever a worker dies or is back.
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.0.subscribe()
+    }
+
+    fn change(&self, delta: isize) {
+        self.0
+            .send_modify(|down| *down = down.saturating_add_signed(delta));
+    }
+}
+
+type Batches = Arc<Mutex<mpsc::Receiver<Vec<Job>>>>;
+
+/// Starts one variant's worker thread, and its supervisor, which restarts the worker on a fresh
+/// clone of `model` if it dies. Both end when `batches` closes.
 pub fn spawn_worker(
     name: &str,
-    mut model: impl BatchModel,
-    mut batches: mpsc::Receiver<Vec<Job>>,
-    observe: impl Fn(&BatchReport) + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+    model: impl BatchModel + Clone,
+    batches: mpsc::Receiver<Vec<Job>>,
+    observe: impl Fn(&BatchReport) + Send + Sync + 'static,
+    health: WorkerHealth,
+) -> std::io::Result<JoinHandle<()>> {
+    let batches: Batches = Arc::new(Mutex::new(batches));
+    let observe = Arc::new(observe);
+    let thread_name = format!("model-{name}");
+    let start = move || {
+        let (model, batches, observe) = (model.clone(), batches.clone(), observe.clone());
+        std::thread::Builder::new()
+            .name(thread_name.clone())
+            .spawn(move || serve_batches(model, &batches, &*observe))
+    };
+    let mut worker = start()?;
+    let name = name.to_string();
     std::thread::Builder::new()
-        .name(format!("model-{name}"))
-        .spawn(move || {
-            while let Some(batch) = batches.blocking_recv() {
-                // A caller that gave up while the batch waited for the worker is not computed.
-                let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
-                if batch.is_empty() {
-                    continue;
+        .name(format!("supervise-{name}"))
+        .spawn(move || loop {
+            let Err(panic) = worker.join() else {
+                return; // `batches` closed: a normal end
+            };
+            health.change(1);
+            let cause = panic_message(panic.as_ref());
+            tracing::error!(worker = %name, %cause, "model worker died; restarting it");
+            std::thread::sleep(RESTART_DELAY);
+            match start() {
+                Ok(restarted) => worker = restarted,
+                Err(e) => {
+                    tracing::error!(worker = %name, error = %e, "could not restart the model worker");
+                    return;
                 }
-                let report = run_batch(&mut model, batch);
-                observe(&report);
             }
+            health.change(-1);
+            tracing::info!(worker = %name, "model worker restarted");
         })
+}
+
+fn serve_batches(mut model: impl BatchModel, batches: &Batches, observe: &dyn Fn(&BatchReport)) {
+    loop {
+        // A worker that died never holds the lock: it is only held while waiting.
+        let batch = batches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocking_recv();
+        let Some(batch) = batch else { return };
+        // A caller that gave up while the batch waited for the worker is not computed.
+        let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if batch.is_empty() {
+            continue;
+        }
+        // Test hook (tests/faults.rs): kills this thread with the batch unanswered.
+        fail::fail_point!("worker-dies");
+        let report = run_batch(&mut model, batch);
+        observe(&report);
+    }
 }
 
 fn run_batch(model: &mut impl BatchModel, batch: Vec<Job>) -> BatchReport {
     let started = tokio::time::Instant::now();
     let inputs: Vec<&[f32]> = batch.iter().map(|j| j.input.as_slice()).collect();
-    let (outcome, host_peak_bytes) =
-        measure_peak(|| catch_unwind(AssertUnwindSafe(|| model.infer(&inputs))));
+    let (outcome, host_peak_bytes) = measure_peak(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            // Test hook (tests/faults.rs): this batch fails.
+            fail::fail_point!("model-fails", |_| Err(anyhow::anyhow!("injected fault")));
+            model.infer(&inputs)
+        }))
+    });
     let peak_bytes = model.device_bytes().unwrap_or(host_peak_bytes);
     let compute_time = started.elapsed();
     let outputs = match outcome {

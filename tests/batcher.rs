@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use octserve::batcher::{spawn_batcher, BatchQueue, InferError, Job, Prediction};
 use octserve::config::BatchingConfig;
-use octserve::worker::{spawn_worker, BatchModel};
+use octserve::worker::{spawn_worker, BatchModel, WorkerHealth};
 
 const DELAY: Duration = Duration::from_millis(10);
 
@@ -43,7 +43,7 @@ fn served(config: BatchingConfig) -> (BatchQueue, Echo) {
     let (tx, rx) = mpsc::channel(1);
     let (queue, _) = spawn_batcher("test", config, tx);
     let echo = Echo::default();
-    spawn_worker("test", echo.clone(), rx, |_| {}).unwrap();
+    spawn_worker("test", echo.clone(), rx, |_| {}, WorkerHealth::default()).unwrap();
     (queue, echo)
 }
 

@@ -6,12 +6,12 @@ use serde::Serialize;
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::{ListModelsRequest, VariantInfo};
 
-use super::print_json;
+use super::{print_json, ConnectArgs};
 
 #[derive(Args, Debug)]
 pub struct AbArgs {
-    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     #[arg(long, env = "OCTSERVE_MODEL")]
     pub model: String,
     #[arg(long, env = "OCTSERVE_JSON")]
@@ -71,10 +71,10 @@ impl From<VariantInfo> for VariantRow {
 
 pub fn run(args: &AbArgs) -> anyhow::Result<()> {
     let models = tokio::runtime::Runtime::new()?.block_on(async {
-        let mut client = ClassifierClient::connect(args.addr.clone()).await?;
+        let mut client = ClassifierClient::new(args.connect.channel().await?);
         anyhow::Ok(
             client
-                .list_models(ListModelsRequest {})
+                .list_models(args.connect.request(ListModelsRequest {}))
                 .await?
                 .into_inner()
                 .models,

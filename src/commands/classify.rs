@@ -44,10 +44,9 @@ pub fn run(args: &ClassifyArgs) -> anyhow::Result<()> {
 }
 
 async fn classify(args: &ClassifyArgs) -> anyhow::Result<()> {
-    let mut client = ClassifierClient::connect(args.target.addr.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.target.addr))?
-        .max_decoding_message_size(usize::MAX);
+    let connect = &args.target.connect;
+    let mut client =
+        ClassifierClient::new(connect.channel().await?).max_decoding_message_size(usize::MAX);
     let mut results = Vec::new();
     for path in &args.images {
         let image = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -59,7 +58,7 @@ async fn classify(args: &ClassifyArgs) -> anyhow::Result<()> {
             routing_key: args.routing_key.clone(),
         };
         let response = client
-            .classify(request)
+            .classify(connect.request(request))
             .await
             .map_err(|s| anyhow::anyhow!("{}: {} ({:?})", path.display(), s.message(), s.code()))?
             .into_inner();

@@ -1,5 +1,7 @@
-//! `octserve loadgen`: a closed-loop gRPC load generator. Each of `concurrency` clients sends
-//! its next request as soon as the previous one is answered, for `duration` seconds.
+//! `octserve loadgen`: a gRPC load generator. Closed loop by default: each of `concurrency`
+//! clients sends its next request as soon as the previous one is answered. With `--rate`, open
+//! loop: requests start at that rate whatever the answers (at most `concurrency` in flight), which
+//! is how overload is offered.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 
 use octserve::pb::classifier_client::ClassifierClient;
@@ -21,8 +24,12 @@ use super::{print_json, TargetArgs};
 pub struct LoadgenArgs {
     #[command(flatten)]
     pub target: TargetArgs,
+    /// Closed loop: clients. Open loop (`--rate`): most requests in flight at once.
     #[arg(long, env = "OCTSERVE_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
+    /// Open loop: requests started per second (0: closed loop).
+    #[arg(long, env = "OCTSERVE_RATE", default_value_t = 0.)]
+    pub rate: f64,
     /// Seconds to send for.
     #[arg(long, env = "OCTSERVE_DURATION", default_value_t = 10.)]
     pub duration: f64,
@@ -35,6 +42,9 @@ pub struct LoadgenArgs {
     /// Per-request deadline in milliseconds (0: none).
     #[arg(long, env = "OCTSERVE_TIMEOUT_MS", default_value_t = 0)]
     pub timeout_ms: u64,
+    /// Also report each window of this many seconds (0: none), to see drift over a long run.
+    #[arg(long, env = "OCTSERVE_WINDOW_SECS", default_value_t = 0.)]
+    pub window_secs: f64,
     #[arg(long, env = "OCTSERVE_JSON")]
     pub json: bool,
 }
@@ -46,18 +56,35 @@ struct LoadReport {
     errors_by_code: BTreeMap<String, usize>,
     seconds: f64,
     rps: f64,
+    /// Successful requests per second.
+    ok_rps: f64,
     p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
+    /// p99 of successful requests only.
+    ok_p99_ms: f64,
     /// Mean `Timing.batch_size` the server reported for successful requests.
     mean_batch_size: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    windows: Vec<Window>,
 }
 
-#[derive(Default)]
-struct ClientTally {
-    latencies_ms: Vec<f64>,
-    errors: BTreeMap<String, usize>,
-    batch_sizes: Vec<u32>,
+#[derive(Serialize)]
+struct Window {
+    start_s: f64,
+    requests: usize,
+    errors: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// One answered request.
+struct Sample {
+    /// Seconds from the start of the run to when it was sent.
+    sent_s: f64,
+    latency_ms: f64,
+    /// The server's batch size, or the error code.
+    outcome: Result<u32, tonic::Code>,
 }
 
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
@@ -65,106 +92,125 @@ pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
 }
 
 async fn load(args: &LoadgenArgs) -> anyhow::Result<()> {
-    let images = Arc::new(read_images(&args.images)?);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        let channel = Channel::from_shared(args.target.addr.clone())?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", args.target.addr))?;
-        channels.push(channel);
+        channels.push(args.target.connect.channel().await?);
     }
-    let started = Instant::now();
-    let stop_at = started + Duration::from_secs_f64(args.duration);
-    let tasks: Vec<_> = (0..args.concurrency)
-        .map(|i| {
-            let client = ClassifierClient::new(channels[i % channels.len()].clone());
-            let images = images.clone();
-            let (model, variant) = (args.target.model.clone(), args.target.variant.clone());
-            let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
-            tokio::spawn(client_loop(
-                client, images, model, variant, timeout, i, stop_at,
-            ))
-        })
-        .collect();
-    let mut total = ClientTally::default();
-    for task in tasks {
-        let tally = task.await?;
-        total.latencies_ms.extend(tally.latencies_ms);
-        total.batch_sizes.extend(tally.batch_sizes);
-        for (code, n) in tally.errors {
-            *total.errors.entry(code).or_default() += n;
+    let sender = Arc::new(Sender {
+        images: read_images(&args.images)?,
+        target: args.target.clone(),
+        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
+        started: Instant::now(),
+    });
+    let stop_at = sender.started + Duration::from_secs_f64(args.duration);
+    let client = |i: usize| ClassifierClient::new(channels[i % channels.len()].clone());
+    let (samples_tx, mut samples_rx) = mpsc::unbounded_channel();
+    if args.rate > 0. {
+        let in_flight = Arc::new(Semaphore::new(args.concurrency.max(1)));
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1. / args.rate));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for i in 0.. {
+            ticks.tick().await;
+            if Instant::now() >= stop_at {
+                break;
+            }
+            let permit = in_flight.clone().acquire_owned().await?;
+            let (sender, mut client, tx) = (sender.clone(), client(i), samples_tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(sender.send(&mut client, i).await);
+                drop(permit);
+            });
+        }
+    } else {
+        for i in 0..args.concurrency {
+            let (sender, mut client, tx) = (sender.clone(), client(i), samples_tx.clone());
+            tokio::spawn(async move {
+                let mut next = i;
+                while Instant::now() < stop_at {
+                    let _ = tx.send(sender.send(&mut client, next).await);
+                    next += 1;
+                }
+            });
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    report(args, total, seconds)
+    drop(samples_tx);
+    let mut samples = Vec::new();
+    while let Some(sample) = samples_rx.recv().await {
+        samples.push(sample);
+    }
+    let seconds = sender.started.elapsed().as_secs_f64();
+    report(args, samples, seconds)
 }
 
-async fn client_loop(
-    mut client: ClassifierClient<Channel>,
-    images: Arc<Vec<Vec<u8>>>,
-    model: String,
-    variant: String,
+/// What every request shares.
+struct Sender {
+    images: Vec<Vec<u8>>,
+    target: TargetArgs,
     timeout: Option<Duration>,
-    offset: usize,
-    stop_at: Instant,
-) -> ClientTally {
-    let mut tally = ClientTally::default();
-    let mut next = offset;
-    while Instant::now() < stop_at {
-        let mut request = tonic::Request::new(ClassifyRequest {
-            model: model.clone(),
-            variant: variant.clone(),
-            image: images[next % images.len()].clone(),
+    started: Instant,
+}
+
+impl Sender {
+    /// Sends request number `n` and times it.
+    async fn send(&self, client: &mut ClassifierClient<Channel>, n: usize) -> Sample {
+        let mut request = self.target.connect.request(ClassifyRequest {
+            model: self.target.model.clone(),
+            variant: self.target.variant.clone(),
+            image: self.images[n % self.images.len()].clone(),
             top_k: 1,
             routing_key: String::new(),
         });
-        if let Some(t) = timeout {
+        if let Some(t) = self.timeout {
             request.set_timeout(t);
         }
-        next += 1;
         let sent = Instant::now();
         let outcome = client.classify(request).await;
-        tally.latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
-        match outcome {
-            Ok(reply) => {
-                if let Some(t) = reply.into_inner().timing {
-                    tally.batch_sizes.push(t.batch_size);
-                }
-            }
-            Err(status) => {
-                *tally
-                    .errors
-                    .entry(format!("{:?}", status.code()))
-                    .or_default() += 1
-            }
+        Sample {
+            sent_s: sent.duration_since(self.started).as_secs_f64(),
+            latency_ms: sent.elapsed().as_secs_f64() * 1e3,
+            outcome: match outcome {
+                Ok(reply) => Ok(reply.into_inner().timing.map_or(0, |t| t.batch_size)),
+                Err(status) => Err(status.code()),
+            },
         }
     }
-    tally
 }
 
-fn report(args: &LoadgenArgs, mut total: ClientTally, seconds: f64) -> anyhow::Result<()> {
-    total.latencies_ms.sort_by(f64::total_cmp);
-    let lat = &total.latencies_ms;
-    let pct = |q| {
-        if lat.is_empty() {
-            0.
-        } else {
-            percentile(lat, q)
+/// p50, p90 and p99 of `latencies` (sorted here).
+fn percentiles(mut latencies: Vec<f64>) -> [f64; 3] {
+    if latencies.is_empty() {
+        return [0.; 3];
+    }
+    latencies.sort_by(f64::total_cmp);
+    [0.5, 0.9, 0.99].map(|q| percentile(&latencies, q))
+}
+
+fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Result<()> {
+    let mut errors_by_code = BTreeMap::new();
+    for s in &samples {
+        if let Err(code) = s.outcome {
+            *errors_by_code.entry(format!("{code:?}")).or_default() += 1;
         }
-    };
-    let batches = &total.batch_sizes;
+    }
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_ok()).collect();
+    let [p50_ms, p90_ms, p99_ms] = percentiles(samples.iter().map(|s| s.latency_ms).collect());
+    let batch_sum: f64 = ok
+        .iter()
+        .map(|s| f64::from(*s.outcome.as_ref().unwrap()))
+        .sum();
     let report = LoadReport {
-        requests: lat.len(),
-        errors: total.errors.values().sum(),
-        errors_by_code: total.errors,
+        requests: samples.len(),
+        errors: samples.len() - ok.len(),
+        errors_by_code,
         seconds,
-        rps: lat.len() as f64 / seconds,
-        p50_ms: pct(0.5),
-        p90_ms: pct(0.9),
-        p99_ms: pct(0.99),
-        mean_batch_size: batches.iter().map(|&b| f64::from(b)).sum::<f64>()
-            / batches.len().max(1) as f64,
+        rps: samples.len() as f64 / seconds,
+        ok_rps: ok.len() as f64 / seconds,
+        p50_ms,
+        p90_ms,
+        p99_ms,
+        ok_p99_ms: percentiles(ok.iter().map(|s| s.latency_ms).collect())[2],
+        mean_batch_size: batch_sum / ok.len().max(1) as f64,
+        windows: windows(&samples, args.window_secs),
     };
     if args.json {
         return print_json(&report);
@@ -174,7 +220,40 @@ fn report(args: &LoadgenArgs, mut total: ClientTally, seconds: f64) -> anyhow::R
         report.requests, report.errors, report.seconds, report.rps, report.p50_ms, report.p90_ms,
         report.p99_ms, report.mean_batch_size
     );
+    for w in &report.windows {
+        println!(
+            "  from {:>6.1} s: {} requests ({} errors), p50 {:.2} ms, p99 {:.2} ms",
+            w.start_s, w.requests, w.errors, w.p50_ms, w.p99_ms
+        );
+    }
     Ok(())
+}
+
+/// The samples grouped by when they were sent, `width` seconds per window.
+fn windows(samples: &[Sample], width: f64) -> Vec<Window> {
+    if width <= 0. {
+        return Vec::new();
+    }
+    let mut grouped: BTreeMap<u64, Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        grouped
+            .entry((s.sent_s / width) as u64)
+            .or_default()
+            .push(s);
+    }
+    grouped
+        .into_iter()
+        .map(|(i, group)| {
+            let [p50_ms, _, p99_ms] = percentiles(group.iter().map(|s| s.latency_ms).collect());
+            Window {
+                start_s: i as f64 * width,
+                requests: group.len(),
+                errors: group.iter().filter(|s| s.outcome.is_err()).count(),
+                p50_ms,
+                p99_ms,
+            }
+        })
+        .collect()
 }
 
 fn read_images(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {

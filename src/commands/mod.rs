@@ -8,9 +8,15 @@ pub mod inspect;
 pub mod loadgen;
 pub mod serve;
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Args;
+use tonic::transport::Channel;
+use tonic::Request;
 
 use octserve::model::{Arch, ModelConfig};
+use octserve::security::{client_tls, ApiKey};
 
 /// Flags that pick an architecture and the sizes it is built for.
 #[derive(Args, Debug, Clone)]
@@ -41,11 +47,56 @@ impl ModelArgs {
     }
 }
 
+/// How a client command reaches the server: address, TLS and API key.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// `http://host:port`, or `https://host:port` with `--tls-ca`.
+    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// CA certificate (PEM) that signed the server's certificate: connect with TLS.
+    #[arg(long, env = "OCTSERVE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a server that requires mutual TLS.
+    #[arg(long, env = "OCTSERVE_TLS_CLIENT_CERT", requires_all = ["tls_client_key", "tls_ca"])]
+    pub tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "OCTSERVE_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Sent as `authorization: Bearer <key>` on every call.
+    #[arg(long, env = "OCTSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
+}
+
+impl ConnectArgs {
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let mut endpoint = Channel::from_shared(self.addr.clone())
+            .with_context(|| format!("bad address {}", self.addr))?;
+        if let Some(ca) = &self.tls_ca {
+            let identity = self
+                .tls_client_cert
+                .as_deref()
+                .zip(self.tls_client_key.as_deref());
+            endpoint = endpoint.tls_config(client_tls(ca, identity)?)?;
+        }
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))
+    }
+
+    /// `message` with the API key, when one is set.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        match &self.api_key {
+            Some(key) => key.authorise(message),
+            None => Request::new(message),
+        }
+    }
+}
+
 /// Which server, model and variant a client command talks to.
 #[derive(Args, Debug, Clone)]
 pub struct TargetArgs {
-    #[arg(long, env = "OCTSERVE_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     #[arg(long, env = "OCTSERVE_MODEL")]
     pub model: String,
     /// Empty: the server's A/B router picks.

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use octserve::config::ServeConfig;
 use octserve::device::parse_device;
+use octserve::security::{ApiKey, TlsConfig};
 use octserve::server::{run as serve, ServeOptions};
 
 #[derive(Args, Debug)]
@@ -30,6 +31,19 @@ pub struct ServeArgs {
     /// Seconds to finish accepted requests after SIGTERM (overrides the config).
     #[arg(long, env = "OCTSERVE_GRACE_PERIOD")]
     pub grace_period: Option<u64>,
+    /// Serve gRPC over TLS with this certificate chain (PEM; overrides the config's [tls]).
+    #[arg(long, env = "OCTSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "OCTSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    #[arg(long, env = "OCTSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Require this key (`authorization: Bearer <key>`) on every RPC except health.
+    /// Prefer the environment variable: a flag shows in the process list.
+    #[arg(long, env = "OCTSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
@@ -38,8 +52,18 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         None => ServeConfig::default(),
     };
     let grace = args.grace_period.or(config.grace_period_secs).unwrap_or(30);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => config.tls.clone(),
+    };
     let options = ServeOptions {
         config,
+        tls,
+        api_key: args.api_key.clone(),
         models_dir: args.models_dir.clone(),
         device: parse_device(&args.device)?,
         grace_period: Duration::from_secs(grace),

@@ -10,7 +10,7 @@ use candle_core::Device;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -30,25 +30,25 @@ pub struct TestServer {
 impl TestServer {
     /// Serves the manifests of `config` (or every manifest under `models_dir`).
     pub async fn start(config: ServeConfig, models_dir: &Path) -> Self {
+        Self::start_with(options(config, models_dir), None).await
+    }
+
+    /// Serves with `options`; `tls` is how the test's channel trusts a TLS server.
+    pub async fn start_with(options: ServeOptions, tls: Option<ClientTlsConfig>) -> Self {
         let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap();
         let metrics = metrics_listener.local_addr().unwrap();
-        let options = ServeOptions {
-            config,
-            models_dir: models_dir.to_path_buf(),
-            device: Device::Cpu,
-            grace_period: Duration::from_secs(30),
-        };
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(run(grpc_listener, Some(metrics_listener), options, async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{grpc}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{grpc}")).unwrap();
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).unwrap();
+        }
+        let channel = endpoint.connect().await.unwrap();
         let server = Self {
             grpc,
             metrics,
@@ -114,6 +114,18 @@ impl TestServer {
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         response
+    }
+}
+
+/// Plain-text serving options for `config` and `models_dir`.
+pub fn options(config: ServeConfig, models_dir: &Path) -> ServeOptions {
+    ServeOptions {
+        config,
+        models_dir: models_dir.to_path_buf(),
+        device: Device::Cpu,
+        grace_period: Duration::from_secs(30),
+        tls: None,
+        api_key: None,
     }
 }
 
