@@ -6,7 +6,7 @@
 //! and the response's `model_version` says which answered). A request of N images is split into
 //! N batcher jobs, all on one variant, and reassembled in order.
 
-mod tensor;
+pub mod tensor;
 
 use std::sync::Arc;
 
