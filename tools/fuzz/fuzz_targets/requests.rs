@@ -23,7 +23,12 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(request) = ModelInferRequest::decode(data) {
         let _ = requested_outputs(&request.outputs, CLASSES);
-        match read_inputs(request.inputs, request.raw_input_contents, &spec, MAX_IMAGES) {
+        match read_inputs(
+            request.inputs,
+            request.raw_input_contents,
+            &spec,
+            MAX_IMAGES,
+        ) {
             Ok(Images::Normalised(images)) => {
                 assert!((1..=MAX_IMAGES).contains(&images.len()));
                 assert!(images.iter().all(|i| i.len() == 28 * 28));
