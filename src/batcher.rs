@@ -87,6 +87,18 @@ impl BatchQueue {
         Ok(())
     }
 
+    /// Refuses at once when `n` more jobs would not fit, so that a server under overload does
+    /// not spend CPU decoding images it is going to refuse anyway.
+    pub fn ensure_room(&self, n: usize) -> Result<(), InferError> {
+        if self.depth() + n > self.capacity {
+            return Err(InferError::QueueFull {
+                variant: self.variant.clone(),
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }

@@ -51,6 +51,16 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Drains recorded histogram samples into their buckets every few seconds. The exporter otherwise
+/// keeps every sample until the next scrape, so a server nobody scrapes would grow without bound.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        handle.run_upkeep();
+    }
+}
+
 fn describe() {
     describe_counter!(REQUESTS, "Requests answered, by gRPC status code.");
     describe_histogram!(

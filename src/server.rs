@@ -56,6 +56,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let prometheus = crate::metrics::handle();
+    tokio::spawn(crate::metrics::upkeep(prometheus.clone()));
     if let Some(listener) = metrics {
         let app = axum::Router::new().route(
             "/metrics",

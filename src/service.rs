@@ -165,6 +165,7 @@ impl ServingState {
         let model = self.registry()?.model(&request.model)?;
         let variant = model.variant(&request.variant, &request.routing_key)?;
         let result = async {
+            variant.queue.ensure_room(1)?;
             let input = self.decode(model, request.image).await?;
             self.infer(model, variant, input, deadline).await
         }

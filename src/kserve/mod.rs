@@ -160,6 +160,7 @@ async fn infer(
             &model.input,
             variant.queue.capacity(),
         )?;
+        variant.queue.ensure_room(images.len())?;
         let inputs = match images {
             Images::Normalised(inputs) => inputs,
             Images::Encoded(images) => {

@@ -25,6 +25,19 @@ pub enum Images {
     Encoded(Vec<Vec<u8>>),
 }
 
+impl Images {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Normalised(images) => images.len(),
+            Self::Encoded(images) => images.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One requested output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
