@@ -9,11 +9,10 @@ mod common;
 use std::time::Duration;
 
 use fail::FailScenario;
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use common::{random_model_dir, TestServer};
+use common::{random_model_dir, trouser_png, TestServer};
 use octserve::config::ServeConfig;
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -28,29 +27,12 @@ fn classify(model: &str, image: Vec<u8>) -> ClassifyRequest {
     }
 }
 
-fn png() -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/models/fashion-mnist/samples/0002_trouser.png"
-    );
-    std::fs::read(path).unwrap()
-}
-
 async fn server(name: &str) -> (TestServer, tempfile::TempDir) {
     let dir = random_model_dir(name, &[("vanilla", "resnet20", 0., 1.)], None);
     (
         TestServer::start(ServeConfig::default(), dir.path()).await,
         dir,
     )
-}
-
-/// A connection of its own to `server`.
-async fn connect(server: &TestServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 async fn server_ready(server: &TestServer) -> bool {
@@ -67,7 +49,7 @@ async fn a_failing_batch_answers_internal_and_the_next_batch_succeeds() {
 
     fail::cfg("model-fails", "1*return").unwrap();
     let status = client
-        .classify(classify("faulty-batch", png()))
+        .classify(classify("faulty-batch", trouser_png()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -78,7 +60,7 @@ async fn a_failing_batch_answers_internal_and_the_next_batch_succeeds() {
     );
 
     let reply = client
-        .classify(classify("faulty-batch", png()))
+        .classify(classify("faulty-batch", trouser_png()))
         .await
         .unwrap();
     assert_eq!(reply.into_inner().variant, "vanilla");
@@ -95,7 +77,7 @@ async fn a_dead_worker_is_restarted_and_health_shows_the_gap() {
 
     fail::cfg("worker-dies", "1*panic(injected worker death)").unwrap();
     let status = client
-        .classify(classify("dying-worker", png()))
+        .classify(classify("dying-worker", trouser_png()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -122,7 +104,7 @@ async fn a_dead_worker_is_restarted_and_health_shows_the_gap() {
     assert_eq!(server.health("").await, ServingStatus::Serving);
     assert!(server_ready(&server).await);
     let reply = client
-        .classify(classify("dying-worker", png()))
+        .classify(classify("dying-worker", trouser_png()))
         .await
         .unwrap();
     assert_eq!(reply.into_inner().model, "dying-worker");
@@ -136,17 +118,17 @@ async fn clients_that_vanish_or_send_a_gigabyte_do_not_affect_the_others() {
 
     // Impatient clients, on a connection of their own as another client's would be: each call
     // is cancelled after 1 ms, mostly while in flight.
-    let impatient_client = ClassifierClient::new(connect(&server).await);
+    let impatient_client = ClassifierClient::new(server.new_connection().await);
     let impatient = (0..50).map(|_| {
         let mut client = impatient_client.clone();
         async move {
-            let call = client.classify(classify("hostile", png()));
+            let call = client.classify(classify("hostile", trouser_png()));
             let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
         }
     });
     // A 1 GiB image: refused from the message's length prefix, never buffered whole (the client
     // sees OUT_OF_RANGE, or a reset stream while it is still sending).
-    let mut huge_client = ClassifierClient::new(connect(&server).await);
+    let mut huge_client = ClassifierClient::new(server.new_connection().await);
     let huge = async move {
         let request = classify("hostile", vec![0u8; 1 << 30]);
         huge_client.classify(request).await.unwrap_err()
@@ -154,7 +136,7 @@ async fn clients_that_vanish_or_send_a_gigabyte_do_not_affect_the_others() {
     // Meanwhile, ordinary clients are all answered.
     let ordinary = (0..20).map(|_| {
         let mut client = server.client();
-        async move { client.classify(classify("hostile", png())).await }
+        async move { client.classify(classify("hostile", trouser_png())).await }
     });
     let (_, status, answers) = tokio::join!(
         futures::future::join_all(impatient),

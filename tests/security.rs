@@ -2,13 +2,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::Code;
 
-use common::{options, random_model_dir, TestServer};
+use common::{options, random_model_dir, trouser_png, TestServer};
 use octserve::config::ServeConfig;
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -63,15 +63,10 @@ impl TestPki {
     }
 }
 
-fn png() -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(dir.join("models/fashion-mnist/samples/0002_trouser.png")).unwrap()
-}
-
 fn classify(model: &str) -> ClassifyRequest {
     ClassifyRequest {
         model: model.into(),
-        image: png(),
+        image: trouser_png(),
         ..Default::default()
     }
 }

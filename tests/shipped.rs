@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use common::{shipped_models, TestServer};
+use common::{shipped_models, trouser_png, TestServer};
 use octserve::config::{Manifest, ServeConfig};
 use octserve::dataset::load_test_set;
 use octserve::evaluate::evaluate;
@@ -55,8 +55,7 @@ async fn sample_images_are_classified_correctly_by_every_variant() {
             correct += usize::from(&reply.classes[0].label == label);
         }
         // The README's example image.
-        let trouser =
-            std::fs::read(shipped_models().join("fashion-mnist/samples/0002_trouser.png")).unwrap();
+        let trouser = trouser_png();
         let request = ClassifyRequest {
             model: "fashion-mnist".into(),
             variant: variant.clone(),

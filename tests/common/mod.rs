@@ -60,6 +60,15 @@ impl TestServer {
         server
     }
 
+    /// A plain-text connection of its own, as another client's would be.
+    pub async fn new_connection(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub fn client(&self) -> ClassifierClient<Channel> {
         ClassifierClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
@@ -157,6 +166,11 @@ pub fn random_model_dir(
     }
     std::fs::write(model_dir.join("manifest.toml"), text).unwrap();
     dir
+}
+
+/// The README's example image: a real Fashion-MNIST trouser (28x28 gray PNG).
+pub fn trouser_png() -> Vec<u8> {
+    std::fs::read(shipped_models().join("fashion-mnist/samples/0002_trouser.png")).unwrap()
 }
 
 /// The repository's shipped models.
