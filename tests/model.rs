@@ -196,18 +196,28 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .fold(0., f64::max)
 }
 
+/// The folded model runs the fast CPU path (NHWC GEMMs, fused epilogues); the unfolded one the
+/// plain candle ops. Both must compute the same function, on odd sizes, every branch layout
+/// (alpha 0.25 gives 4-channel low branches), bottlenecks with strided projections and batches.
 #[test]
-fn folded_batchnorm_computes_the_same_function() {
+fn folded_fast_path_computes_the_same_function_as_the_plain_network() {
     for (name, alpha, size) in [
         ("oct-resnet20", 0.5, 29),
+        ("oct-resnet20", 0.75, 28),
         ("resnet20", 0., 28),
         ("oct-resnet26", 0.25, 45),
+        ("resnet26", 0., 40),
     ] {
-        let channels = if name == "oct-resnet26" { 3 } else { 1 };
+        let channels = if name.ends_with("26") { 3 } else { 1 };
         let model = random_model(name, alpha, channels);
         let x = Tensor::randn(0f32, 1., (2, channels, size, size + 3), &Device::Cpu).unwrap();
         let plain = model.forward(&x).unwrap();
-        let folded = model.folded().unwrap().forward(&x).unwrap();
+        let folded = model.folded().unwrap();
+        assert!(
+            folded.profile(&x).unwrap().is_some(),
+            "{name}: not on the fast path"
+        );
+        let folded = folded.forward(&x).unwrap();
         let scale = values(&plain.abs().unwrap()).into_iter().fold(0., f64::max);
         let diff = max_abs_diff(&plain, &folded);
         assert!(

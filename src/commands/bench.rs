@@ -33,6 +33,9 @@ pub struct BenchArgs {
     pub dtype: DType,
     #[arg(long, env = "OCTSERVE_JSON")]
     pub json: bool,
+    /// Also time every layer (fast CPU path only) and print where the time goes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Serialize)]
@@ -51,6 +54,57 @@ struct BenchReport {
     /// Peak bytes allocated during one forward pass (all images of the batch): host memory on
     /// the CPU, device memory taken from the driver on CUDA.
     peak_bytes: usize,
+    /// With `--profile`: per layer, median over the iterations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<Vec<LayerProfile>>,
+}
+
+#[derive(Serialize)]
+struct LayerProfile {
+    name: String,
+    ms: f64,
+    /// Multiply-accumulates of the whole batch through this layer.
+    macs: usize,
+    gflops: f64,
+}
+
+/// Per-layer medians of `iters` profiled passes, with the layers' MACs from the cost walk.
+fn profile_layers(
+    model: &Model,
+    input: &Tensor,
+    iters: usize,
+) -> anyhow::Result<Vec<LayerProfile>> {
+    let (batch, _, h, w) = input.dims4()?;
+    let cost = model.cost(h, w);
+    let mut runs = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let Some(times) = model.profile(input)? else {
+            anyhow::bail!("--profile times the fast CPU path (f32 on the CPU) only");
+        };
+        runs.push(times);
+    }
+    let layers = runs[0]
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let mut ms: Vec<f64> = runs.iter().map(|r| r[i].1.as_secs_f64() * 1e3).collect();
+            ms.sort_by(f64::total_cmp);
+            let ms = percentile(&ms, 0.5);
+            let macs = batch
+                * cost
+                    .layers
+                    .iter()
+                    .find(|l| &l.name == name)
+                    .map_or(0, |l| l.macs);
+            LayerProfile {
+                name: name.clone(),
+                ms,
+                macs,
+                gflops: 2.0 * macs as f64 / (ms * 1e6),
+            }
+        })
+        .collect();
+    Ok(layers)
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -88,6 +142,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     latencies.sort_by(f64::total_cmp);
     let p50 = percentile(&latencies, 0.5);
+    let layers = if args.profile {
+        Some(profile_layers(&model, &input, args.iters.max(1))?)
+    } else {
+        None
+    };
     let report = BenchReport {
         arch: args.model.arch.to_string(),
         alpha: args.model.alpha,
@@ -101,6 +160,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         latency_ms_p90: percentile(&latencies, 0.9),
         images_per_sec: args.batch_size as f64 / (p50 / 1e3),
         peak_bytes,
+        layers,
     };
     if args.json {
         print_json(&report)
@@ -110,6 +170,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             report.arch, report.alpha, report.batch_size, report.threads, report.latency_ms_p50,
             report.latency_ms_p90, report.images_per_sec, report.peak_bytes as f64 / 1e6
         );
+        if let Some(layers) = &report.layers {
+            let total: f64 = layers.iter().map(|l| l.ms).sum();
+            println!(
+                "{:<28} {:>9} {:>6} {:>9} {:>8}",
+                "layer", "ms", "%", "MMACs", "GFLOP/s"
+            );
+            for l in layers {
+                println!(
+                    "{:<28} {:>9.3} {:>6.1} {:>9.1} {:>8.1}",
+                    l.name,
+                    l.ms,
+                    100.0 * l.ms / total,
+                    l.macs as f64 / 1e6,
+                    l.gflops
+                );
+            }
+        }
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::cost::{CostTracker, FeatureShape};
+use super::fast::layer::{Branches, FastLayer};
 
 /// A 2-D convolution, optionally with a bias (a folded BatchNorm puts one there).
 #[derive(Clone, Debug)]
@@ -52,6 +53,26 @@ impl Conv2d {
 
     pub fn out_channels(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
     }
 
     fn kernel(&self) -> usize {
@@ -195,6 +216,18 @@ impl ConvBn {
         })
     }
 
+    /// The fast-path form; BatchNorm must be folded first.
+    pub fn fast(&self) -> Result<FastLayer> {
+        if self.bn.is_some() {
+            candle_core::bail!("fast path: fold the BatchNorm of {} first", self.name);
+        }
+        let convs = Branches {
+            h2h: Some(&self.conv),
+            ..Branches::default()
+        };
+        FastLayer::new(&self.name, convs, false, self.relu)
+    }
+
     /// Forward without the ReLU, for the last conv of a residual branch.
     pub fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
@@ -253,6 +286,14 @@ impl Linear {
         Self {
             inner: candle_nn::Linear::new(weight, bias),
         }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
     }
 
     pub fn cost(&self, features: usize, t: &mut CostTracker) -> usize {

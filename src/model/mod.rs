@@ -6,13 +6,16 @@
 
 pub mod arch;
 pub mod cost;
+pub mod fast;
 pub mod layers;
 pub mod network;
 pub mod octconv;
 pub mod resnet;
 pub mod weights;
 
-use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 pub use arch::{Arch, ARCHS};
@@ -69,6 +72,8 @@ enum Net {
 pub struct Model {
     config: ModelConfig,
     net: Net,
+    /// The compiled CPU path of a folded f32 model on the CPU: what `forward` runs there.
+    fast: Option<Arc<fast::FastNet>>,
 }
 
 impl Model {
@@ -82,7 +87,11 @@ impl Model {
         } else {
             Net::Vanilla(resnet::vanilla(vb, spec, config.dims())?)
         };
-        Ok(Self { config, net })
+        Ok(Self {
+            config,
+            net,
+            fast: None,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -91,6 +100,9 @@ impl Model {
 
     /// `[n, c, h, w]` -> `[n, classes]` logits.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(fast) = self.fast_for(x) {
+            return x.contiguous()?.apply_op1_no_bwd(fast.as_ref());
+        }
         match &self.net {
             Net::Vanilla(n) => n.forward(x),
             Net::Octave(n) => n.forward(x),
@@ -98,16 +110,52 @@ impl Model {
     }
 
     /// The same function with every BatchNorm folded into the conv before it and no autograd
-    /// tracking: the inference form.
+    /// tracking: the inference form. On the CPU in f32 it also compiles the fast path
+    /// ([`fast`]), which `forward` then runs.
     pub fn folded(&self) -> Result<Self> {
-        let net = match &self.net {
-            Net::Vanilla(n) => Net::Vanilla(n.folded()?),
-            Net::Octave(n) => Net::Octave(n.folded()?),
+        let (net, fast) = match &self.net {
+            Net::Vanilla(n) => {
+                let n = n.folded()?;
+                let fast = self.compiles().then(|| n.fast()).transpose()?;
+                (Net::Vanilla(n), fast)
+            }
+            Net::Octave(n) => {
+                let n = n.folded()?;
+                let fast = self.compiles().then(|| n.fast()).transpose()?;
+                (Net::Octave(n), fast)
+            }
         };
         Ok(Self {
             config: self.config,
             net,
+            fast: fast.map(Arc::new),
         })
+    }
+
+    /// Per-layer wall time of one fast-path forward pass; `None` off the fast path.
+    pub fn profile(&self, x: &Tensor) -> Result<Option<fast::LayerTimes>> {
+        let Some(fast) = self.fast_for(x) else {
+            return Ok(None);
+        };
+        let (n, c, h, w) = x.dims4()?;
+        let data = x.flatten_all()?.to_vec1::<f32>()?;
+        let (_, times) = fast.profile(&fast::map::Map::from_nchw(&data, n, c, h, w));
+        Ok(Some(times))
+    }
+
+    /// Whether this model's weights suit the fast path (CPU, f32).
+    fn compiles(&self) -> bool {
+        let weight = match &self.net {
+            Net::Vanilla(n) => n.fc.weight(),
+            Net::Octave(n) => n.fc.weight(),
+        };
+        weight.device().is_cpu() && weight.dtype() == DType::F32
+    }
+
+    fn fast_for(&self, x: &Tensor) -> Option<&Arc<fast::FastNet>> {
+        self.fast
+            .as_ref()
+            .filter(|_| x.device().is_cpu() && x.dtype() == DType::F32)
     }
 
     /// Analytic cost of one image of `height` x `width`.

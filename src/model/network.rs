@@ -8,6 +8,8 @@
 use candle_core::{Module, Result, Tensor};
 
 use super::cost::{CostReport, CostTracker, FeatureShape, OctShape};
+use super::fast::layer::FastLayer;
+use super::fast::{FastBlock, FastNet};
 use super::layers::{global_avg_pool, halved, max_pool3x3s2p1, ConvBn, Linear};
 use super::octconv::{OctConvBn, OctTensor};
 
@@ -64,6 +66,7 @@ pub trait ConvUnit: Sized {
         t: &mut CostTracker,
     ) -> <Self::Map as FeatureMap>::Shape;
     fn folded(&self) -> Result<Self>;
+    fn fast(&self) -> Result<FastLayer>;
 }
 
 impl ConvUnit for ConvBn {
@@ -80,6 +83,10 @@ impl ConvUnit for ConvBn {
     fn folded(&self) -> Result<Self> {
         ConvBn::folded(self)
     }
+
+    fn fast(&self) -> Result<FastLayer> {
+        ConvBn::fast(self)
+    }
 }
 
 impl ConvUnit for OctConvBn {
@@ -95,6 +102,10 @@ impl ConvUnit for OctConvBn {
 
     fn folded(&self) -> Result<Self> {
         OctConvBn::folded(self)
+    }
+
+    fn fast(&self) -> Result<FastLayer> {
+        OctConvBn::fast(self)
     }
 }
 
@@ -181,6 +192,27 @@ impl<U: ConvUnit> Network<U> {
                 .collect::<Result<_>>()?,
             fc: self.fc.detached(),
         })
+    }
+
+    /// The fast CPU form of a folded network.
+    pub fn fast(&self) -> Result<FastNet> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(FastBlock {
+                    convs: b.convs.iter().map(U::fast).collect::<Result<_>>()?,
+                    downsample: b.downsample.as_ref().map(U::fast).transpose()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        FastNet::new(
+            self.stem.fast()?,
+            self.stem_pool,
+            blocks,
+            self.fc.weight(),
+            self.fc.bias(),
+        )
     }
 
     pub fn cost(&self, input: FeatureShape) -> CostReport {

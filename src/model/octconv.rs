@@ -18,6 +18,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cost::{CostTracker, FeatureShape, OctShape};
+use super::fast::layer::{Branches, FastLayer};
 use super::layers::{add_upsampled, avg_pool2x2, halved, BatchNorm, Conv2d};
 
 /// An octave feature map: the full-resolution part and the optional half-resolution part.
@@ -290,6 +291,21 @@ impl OctConvBn {
             bn_l: None,
             relu: self.relu,
         })
+    }
+
+    /// The fast-path form; BatchNorms must be folded first.
+    pub fn fast(&self) -> Result<FastLayer> {
+        if self.bn_h.is_some() || self.bn_l.is_some() {
+            candle_core::bail!("fast path: fold the BatchNorms of {} first", self.name);
+        }
+        let c = &self.conv;
+        let convs = Branches {
+            h2h: c.h2h.as_ref(),
+            h2l: c.h2l.as_ref(),
+            l2h: c.l2h.as_ref(),
+            l2l: c.l2l.as_ref(),
+        };
+        FastLayer::new(&self.name, convs, c.stride == 2, self.relu)
     }
 
     pub fn cost(&self, x: OctShape, t: &mut CostTracker) -> OctShape {

@@ -1,0 +1,420 @@
+//! Convolution as tiled GEMM on NHWC maps, with the weights laid out once at load and the
+//! bias, residual add, upsampled low-frequency add and ReLU applied to each output tile while it
+//! is still in cache.
+//!
+//! One call computes `sum_i conv_i(input_i)` for convolutions that produce the same output grid
+//! (the octave branches feeding one frequency), so the partial sums never leave the tile.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+use super::kernel::{self, Finish, Kernel, PackedB};
+use super::map::Map;
+
+/// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
+/// the GEMM reads them.
+const TILE_FLOATS: usize = 1 << 17;
+
+thread_local! {
+    /// Each thread's patch-row buffer, reused across tiles and calls.
+    static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A convolution's weights as the GEMM's right-hand matrix, `[(ky, kx, c_in), c_out]` in
+/// the order of the patch rows built from an NHWC map, packed into panels once.
+#[derive(Clone, Debug)]
+pub struct PackedConv {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    c_in: usize,
+    weights: PackedB,
+}
+
+impl PackedConv {
+    /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped).
+    pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (c_out, c_in, kernel, kw) = weight.dims4()?;
+        if kernel != kw {
+            candle_core::bail!("fast path: square kernels only, got {kernel}x{kw}");
+        }
+        let weight = weight
+            .permute((2, 3, 1, 0))?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        Ok(Self {
+            kernel,
+            stride,
+            padding,
+            c_in,
+            weights: PackedB::new(&weight, kernel * kernel * c_in, c_out),
+        })
+    }
+
+    pub fn c_in(&self) -> usize {
+        self.c_in
+    }
+
+    pub fn c_out(&self) -> usize {
+        self.weights.n()
+    }
+
+    fn depth(&self) -> usize {
+        self.kernel * self.kernel * self.c_in
+    }
+
+    fn out_len(&self, len: usize) -> usize {
+        (len + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// A 1x1 stride-1 convolution reads its NHWC input directly as the GEMM's left matrix.
+    fn reads_input_directly(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Writes the patch rows of output pixels `rows` (flat `n * ho * wo` indices) into `dst`.
+    fn patches(&self, x: &Map, rows: Range<usize>, dst: &mut [f32]) {
+        let (k, c) = (self.kernel, self.c_in);
+        let (ho, wo) = (self.out_len(x.h), self.out_len(x.w));
+        let run = k * c;
+        for (r, row) in rows.zip(dst.chunks_exact_mut(self.depth())) {
+            let (image, oy, ox) = (r / (ho * wo), r / wo % ho, r % wo);
+            let x0 = (ox * self.stride) as isize - self.padding as isize;
+            for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
+                let y = (oy * self.stride + ky) as isize - self.padding as isize;
+                if y < 0 || y >= x.h as isize {
+                    dst.fill(0.);
+                    continue;
+                }
+                let line = (image * x.h + y as usize) * x.w;
+                if x0 >= 0 && x0 as usize + k <= x.w {
+                    let start = (line + x0 as usize) * c;
+                    dst.copy_from_slice(&x.data[start..start + run]);
+                    continue;
+                }
+                for (kx, tap) in dst.chunks_exact_mut(c).enumerate() {
+                    let xx = x0 + kx as isize;
+                    if xx < 0 || xx >= x.w as isize {
+                        tap.fill(0.);
+                    } else {
+                        let start = (line + xx as usize) * c;
+                        tap.copy_from_slice(&x.data[start..start + c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One summand of [`conv_sum`].
+pub struct Term<'a> {
+    pub conv: &'a PackedConv,
+    pub input: &'a Map,
+}
+
+/// What is applied to each output value after the convolutions, in this order.
+#[derive(Default)]
+pub struct Epilogue<'a> {
+    /// Per output channel; empty for none.
+    pub bias: &'a [f32],
+    /// A map of the output's shape, added.
+    pub residual: Option<&'a Map>,
+    /// A map of half the output's size (ceil), added nearest-neighbour upsampled: octave L->H.
+    pub upsampled: Option<&'a Map>,
+    pub relu: bool,
+}
+
+/// A rectangle of the output matrix (`pixels x channels`) computed by one task.
+#[derive(Clone, Debug)]
+struct Block {
+    rows: Range<usize>,
+    cols: Range<usize>,
+}
+
+/// Splits `m x n` into tiles of about `tile_rows` rows, at least one per thread: by rows while
+/// there are enough, otherwise by columns as well (the small late layers at batch 1). Column
+/// blocks start on multiples of `align`.
+fn blocks(m: usize, n: usize, tile_rows: usize, threads: usize, align: usize) -> Vec<Block> {
+    let mut row_tiles = m.div_ceil(tile_rows).max(1);
+    let mut col_tiles = 1;
+    if row_tiles >= threads {
+        row_tiles = row_tiles.next_multiple_of(threads);
+    } else {
+        col_tiles = threads.min(n.div_ceil(align)).max(1);
+    }
+    let rows_per = m.div_ceil(row_tiles).max(1);
+    let cols_per = n.div_ceil(col_tiles).next_multiple_of(align);
+    let mut out = Vec::with_capacity(row_tiles * col_tiles);
+    for r0 in (0..m).step_by(rows_per) {
+        for c0 in (0..n).step_by(cols_per) {
+            out.push(Block {
+                rows: r0..(r0 + rows_per).min(m),
+                cols: c0..(c0 + cols_per).min(n),
+            });
+        }
+    }
+    out
+}
+
+/// The output buffer, written by the tasks in disjoint blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only its own block of the buffer, which outlives the tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `epilogue(sum of conv(input) over terms)`: all terms must give the same output size.
+pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
+    conv_sum_with(Kernel::detect(), terms, epilogue)
+}
+
+fn conv_sum_with(kernel: Kernel, terms: &[Term], epilogue: &Epilogue) -> Map {
+    let first = &terms[0];
+    let (n, ho, wo) = (
+        first.input.n,
+        first.conv.out_len(first.input.h),
+        first.conv.out_len(first.input.w),
+    );
+    let c_out = first.conv.c_out();
+    for t in terms {
+        assert_eq!(
+            (
+                t.input.n,
+                t.conv.out_len(t.input.h),
+                t.conv.out_len(t.input.w),
+                t.conv.c_out()
+            ),
+            (n, ho, wo, c_out),
+            "octave terms must produce the same output grid"
+        );
+        assert_eq!(t.input.c, t.conv.c_in, "input channels");
+    }
+    let mut out = Map::zeros(n, ho, wo, c_out);
+    let m = out.pixels();
+    let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
+    let tile_rows = (TILE_FLOATS / depth).clamp(32, 512);
+    let align = first.conv.weights.panel_width();
+    let dst = OutPtr(out.data.as_mut_ptr());
+    let addends = |r: usize| {
+        let residual = epilogue
+            .residual
+            .map_or(std::ptr::null(), |res| res.data[r * c_out..].as_ptr());
+        let upsampled = epilogue.upsampled.map_or(std::ptr::null(), |low| {
+            let (image, y, x) = (r / (ho * wo), r / wo % ho, r % wo);
+            low.data[((image * low.h + y / 2) * low.w + x / 2) * c_out..].as_ptr()
+        });
+        [residual, upsampled]
+    };
+    let finish = Finish {
+        bias: epilogue.bias,
+        addends: &addends,
+        relu: epilogue.relu,
+    };
+    blocks(m, c_out, tile_rows, rayon::current_num_threads(), align)
+        .into_par_iter()
+        .for_each(|block| {
+            for (i, term) in terms.iter().enumerate() {
+                let last = i + 1 == terms.len();
+                gemm_block(
+                    kernel,
+                    term,
+                    &block,
+                    dst,
+                    c_out,
+                    i > 0,
+                    last.then_some(&finish),
+                );
+            }
+        });
+    out
+}
+
+/// `dst[block] (+)= patches(term.input)[rows] x weight[.., cols]`, then `finish`.
+fn gemm_block(
+    kernel: Kernel,
+    term: &Term,
+    block: &Block,
+    dst: OutPtr,
+    ld_dst: usize,
+    accumulate: bool,
+    finish: Option<&Finish>,
+) {
+    let conv = term.conv;
+    let depth = conv.depth();
+    let run = |lhs: *const f32| {
+        // SAFETY: lhs holds the block's rows of `depth` floats, the output buffer holds
+        // `m x ld_dst`, residual and upsampled rows are `ld_dst` long (checked shapes), and the
+        // tasks' blocks are disjoint.
+        unsafe {
+            kernel::gemm(
+                kernel,
+                lhs,
+                depth,
+                block.rows.clone(),
+                &conv.weights,
+                block.cols.clone(),
+                dst.0,
+                ld_dst,
+                accumulate,
+                finish,
+            )
+        }
+    };
+    if conv.reads_input_directly() {
+        run(term.input.data[block.rows.start * depth..].as_ptr());
+        return;
+    }
+    PATCHES.with_borrow_mut(|patches| {
+        let len = block.rows.len() * depth;
+        if patches.len() < len {
+            patches.resize(len, 0.);
+        }
+        conv.patches(term.input, block.rows.clone(), &mut patches[..len]);
+        run(patches.as_ptr());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    fn map(n: usize, h: usize, w: usize, c: usize, seed: usize) -> Map {
+        Map {
+            n,
+            h,
+            w,
+            c,
+            data: values(n * h * w * c, seed),
+        }
+    }
+
+    /// Direct convolution from PyTorch-layout weights, the definition itself.
+    fn naive(x: &Map, weight: &[f32], c_out: usize, k: usize, stride: usize, pad: usize) -> Map {
+        let out_len = |len: usize| (len + 2 * pad - k) / stride + 1;
+        let mut out = Map::zeros(x.n, out_len(x.h), out_len(x.w), c_out);
+        for image in 0..x.n {
+            for oy in 0..out.h {
+                for ox in 0..out.w {
+                    for co in 0..c_out {
+                        let mut sum = 0.0;
+                        for ci in 0..x.c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let y = (oy * stride + ky) as isize - pad as isize;
+                                    let xx = (ox * stride + kx) as isize - pad as isize;
+                                    if y < 0 || xx < 0 || y >= x.h as isize || xx >= x.w as isize {
+                                        continue;
+                                    }
+                                    let v = x.pixel(image, y as usize, xx as usize)[ci];
+                                    sum += v * weight[((co * x.c + ci) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                        out.data[((image * out.h + oy) * out.w + ox) * c_out + co] = sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn packed(
+        weight: &[f32],
+        c_out: usize,
+        c_in: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+    ) -> PackedConv {
+        let t = Tensor::from_vec(weight.to_vec(), (c_out, c_in, k, k), &Device::Cpu).unwrap();
+        PackedConv::new(&t, s, p).unwrap()
+    }
+
+    /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
+    /// and column tails, through every kernel this CPU has: equal to the direct definition.
+    #[test]
+    fn conv_sum_matches_the_direct_convolution() {
+        let mut kernels = vec![Kernel::Portable];
+        if Kernel::detect() == Kernel::Avx512 {
+            kernels.push(Kernel::Avx512);
+        }
+        for &(c_out, stride) in &[(37, 1), (10, 1), (64, 2)] {
+            let (n, h, w) = (2, 9, 7);
+            let (a, b) = (map(n, h, w, 5, 1), map(n, h, w, 3, 2));
+            let (wa, wb) = (values(c_out * 5 * 9, 3), values(c_out * 3, 4));
+            let (pa, pb) = (
+                packed(&wa, c_out, 5, 3, stride, 1),
+                packed(&wb, c_out, 3, 1, stride, 0),
+            );
+            let (ya, yb) = (
+                naive(&a, &wa, c_out, 3, stride, 1),
+                naive(&b, &wb, c_out, 1, stride, 0),
+            );
+            let (ho, wo) = (ya.h, ya.w);
+            let bias = values(c_out, 5);
+            let residual = map(n, ho, wo, c_out, 6);
+            let low = map(n, ho.div_ceil(2), wo.div_ceil(2), c_out, 7);
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: Some(&residual),
+                upsampled: Some(&low),
+                relu: true,
+            };
+            let terms = [
+                Term {
+                    conv: &pa,
+                    input: &a,
+                },
+                Term {
+                    conv: &pb,
+                    input: &b,
+                },
+            ];
+            for &kernel in &kernels {
+                let out = conv_sum_with(kernel, &terms, &epilogue);
+                assert_eq!((out.n, out.h, out.w, out.c), (n, ho, wo, c_out));
+                for (i, &got) in out.data.iter().enumerate() {
+                    let (r, co) = (i / c_out, i % c_out);
+                    let (image, y, x) = (r / (ho * wo), r / wo % ho, r % wo);
+                    let up = low.pixel(image, y / 2, x / 2)[co];
+                    let want = (ya.data[i] + yb.data[i] + bias[co] + residual.data[i] + up).max(0.);
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{kernel:?} {c_out} s{stride} [{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_cover_the_matrix_once_and_split_columns_when_rows_are_few() {
+        for &(m, n, tile, threads) in &[(3136, 64, 455, 2), (49, 512, 56, 2), (10, 10, 512, 2)] {
+            let bs = blocks(m, n, tile, threads, 32);
+            let mut seen = vec![0u8; m * n];
+            for b in &bs {
+                assert_eq!(b.cols.start % 32, 0);
+                for r in b.rows.clone() {
+                    for c in b.cols.clone() {
+                        seen[r * n + c] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{m}x{n}");
+            assert!(bs.len() >= threads.min(n.div_ceil(32)), "{m}x{n}: {bs:?}");
+        }
+    }
+}

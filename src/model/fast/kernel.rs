@@ -1,0 +1,324 @@
+//! The GEMM at the heart of every convolution: `C (+)= A x B` with B pre-packed at load time
+//! and the convolution's epilogue (bias, addends, ReLU) applied as the result is stored.
+//!
+//! On CPUs with AVX-512F a register-blocked micro-kernel computes `MR` rows x one panel of 16 or
+//! 32 columns; A is read in place (a map or a tile of patch rows), K is cut into `KC`-deep
+//! chunks so the panel chunk stays in L1 while every row strip of the tile passes over it.
+//! Elsewhere the same packed panels go through the `gemm` crate and the epilogue runs after.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows per micro-kernel call.
+const MR: usize = 8;
+/// Depth of one K chunk: a row strip's chunk is 8 KiB of L1.
+const KC: usize = 256;
+/// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
+const GROUP_FLOATS: usize = 1 << 16;
+
+/// A `k x n` weight matrix as zero-padded panels of `width` columns:
+/// `data[(panel * k + row) * width + j]`.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    width: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// From row-major `[k, n]`; panels are 32 wide, or 16 for narrow outputs (<= 16 columns)
+    /// so that little of the work multiplies padding.
+    pub fn new(weights: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(weights.len(), k * n);
+        let width = if n <= 16 { 16 } else { 32 };
+        let panels = n.div_ceil(width);
+        let mut data = vec![0f32; panels * k * width];
+        for p in 0..panels {
+            let cols = p * width..(p * width + width).min(n);
+            for row in 0..k {
+                let dst = (p * k + row) * width;
+                data[dst..dst + cols.len()]
+                    .copy_from_slice(&weights[row * n + cols.start..row * n + cols.end]);
+            }
+        }
+        Self { k, n, width, data }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Column blocks handed to different threads start on panel boundaries.
+    pub fn panel_width(&self) -> usize {
+        self.width
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.data[p * self.k * self.width..(p + 1) * self.k * self.width]
+    }
+}
+
+/// What the store adds: per-column bias, and per-row addend rows (pointers to the row's
+/// column 0, `null` for none), then ReLU.
+pub struct Finish<'a> {
+    pub bias: &'a [f32],
+    pub addends: &'a (dyn Fn(usize) -> [*const f32; 2] + Sync),
+    pub relu: bool,
+}
+
+/// Which implementation runs the GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512,
+    Portable,
+}
+
+impl Kernel {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            return Kernel::Avx512;
+        }
+        Kernel::Portable
+    }
+}
+
+/// Output rows `rows` (A's row 0 is `rows.start`) and columns `cols` (starting on a panel
+/// boundary) of `C (+)= A x B`, then `finish` when given.
+///
+/// # Safety
+/// `a` must hold `rows.len()` rows of `b.k()` floats at stride `lda`, `c` the whole output at
+/// stride `ldc`, and addend pointers `ldc`-long rows; no one else may touch `c[rows, cols]`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    kernel: Kernel,
+    a: *const f32,
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    b: &PackedB,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    finish: Option<&Finish>,
+) {
+    debug_assert_eq!(cols.start % b.width, 0);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => avx512::gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
+        _ => portable_gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_gemm(
+    a: *const f32,
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    b: &PackedB,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    finish: Option<&Finish>,
+) {
+    for p in cols.start / b.width..cols.end.div_ceil(b.width) {
+        let width = b.width.min(b.n - p * b.width);
+        gemm::gemm(
+            rows.len(),
+            width,
+            b.k,
+            c.add(rows.start * ldc + p * b.width),
+            1,
+            ldc as isize,
+            accumulate,
+            a,
+            1,
+            lda as isize,
+            b.panel(p).as_ptr(),
+            1,
+            b.width as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    let Some(f) = finish else { return };
+    for r in rows {
+        let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
+        if !f.bias.is_empty() {
+            add(row, &f.bias[cols.clone()]);
+        }
+        for addend in (f.addends)(r).into_iter().filter(|p| !p.is_null()) {
+            add(
+                row,
+                std::slice::from_raw_parts(addend.add(cols.start), cols.len()),
+            );
+        }
+        if f.relu {
+            row.iter_mut().for_each(|v| *v = v.max(0.));
+        }
+    }
+}
+
+fn add(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        a: *const f32,
+        lda: usize,
+        rows: std::ops::Range<usize>,
+        b: &PackedB,
+        cols: std::ops::Range<usize>,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        finish: Option<&Finish>,
+    ) {
+        let w = b.width;
+        let panels = cols.start / w..cols.end.div_ceil(w);
+        for k0 in (0..b.k).step_by(KC) {
+            let kc = KC.min(b.k - k0);
+            let last_chunk = k0 + kc == b.k;
+            // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
+            // group's first panel, passes over all of them.
+            let group = (GROUP_FLOATS / (kc * w)).max(1);
+            for first in panels.clone().step_by(group) {
+                for r0 in rows.clone().step_by(MR) {
+                    let strip = MR.min(rows.end - r0);
+                    let a = a.add((r0 - rows.start) * lda + k0);
+                    for p in first..(first + group).min(panels.end) {
+                        let col0 = p * w;
+                        let mut store = Store {
+                            width: w.min(b.n - col0),
+                            load_c: accumulate || k0 > 0,
+                            bias: std::ptr::null(),
+                            addends: [[std::ptr::null(); 2]; MR],
+                            relu: false,
+                        };
+                        if let (true, Some(f)) = (last_chunk, finish) {
+                            store.finish(f, r0, strip, col0);
+                        }
+                        let panel = b.panel(p).as_ptr().add(k0 * w);
+                        let c = c.add(r0 * ldc + col0);
+                        dispatch(strip, w, kc, a, lda, panel, c, ldc, &store);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How one micro-tile is stored.
+    struct Store {
+        /// Real columns of the panel (the rest is padding, masked off).
+        width: usize,
+        load_c: bool,
+        bias: *const f32,
+        addends: [[*const f32; 2]; MR],
+        relu: bool,
+    }
+
+    impl Store {
+        /// Takes the epilogue of rows `r0..r0 + strip`, columns from `col0`.
+        unsafe fn finish(&mut self, f: &Finish, r0: usize, strip: usize, col0: usize) {
+            if !f.bias.is_empty() {
+                self.bias = f.bias.as_ptr().add(col0);
+            }
+            for (i, row) in self.addends.iter_mut().take(strip).enumerate() {
+                *row = (f.addends)(r0 + i).map(|p| if p.is_null() { p } else { p.add(col0) });
+            }
+            self.relu = f.relu;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dispatch(
+        strip: usize,
+        panel_width: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        s: &Store,
+    ) {
+        macro_rules! call {
+            ($($rows:literal)*) => {
+                match (strip, panel_width) {
+                    $(
+                        ($rows, 32) => micro::<$rows, 2>(kc, a, lda, b, c, ldc, s),
+                        ($rows, _) => micro::<$rows, 1>(kc, a, lda, b, c, ldc, s),
+                    )*
+                    _ => unreachable!("strips have 1..=MR rows"),
+                }
+            };
+        }
+        call!(1 2 3 4 5 6 7 8)
+    }
+
+    /// `ROWS x (16 * NV)` of C from `kc` steps of A (broadcast) times the panel (loaded).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro<const ROWS: usize, const NV: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        s: &Store,
+    ) {
+        let mut masks = [0u16; NV];
+        for (v, m) in masks.iter_mut().enumerate() {
+            let real = s.width.saturating_sub(16 * v).min(16);
+            *m = ((1u32 << real) - 1) as u16;
+        }
+        let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+        if s.load_c {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
+                }
+            }
+        }
+        for k in 0..kc {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(b.add(k * 16 * NV + 16 * v));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(i * lda + k));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+                }
+            }
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                let m = masks[v];
+                if !s.bias.is_null() {
+                    *x = _mm512_add_ps(*x, _mm512_maskz_loadu_ps(m, s.bias.add(16 * v)));
+                }
+                for addend in s.addends[i] {
+                    if !addend.is_null() {
+                        *x = _mm512_add_ps(*x, _mm512_maskz_loadu_ps(m, addend.add(16 * v)));
+                    }
+                }
+                if s.relu {
+                    *x = _mm512_max_ps(*x, _mm512_setzero_ps());
+                }
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), m, *x);
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! One BatchNorm-folded conv unit of either network on the fast path: a vanilla conv is the
+//! octave case with only the H->H convolution.
+
+use candle_core::{Result, Tensor};
+
+use super::conv::{conv_sum, Epilogue, PackedConv, Term};
+use super::map::{avg_pool2x2, Map};
+use crate::model::layers::Conv2d;
+
+/// An octave feature map on the fast path; vanilla maps have no low part.
+#[derive(Clone, Debug)]
+pub struct OctMap {
+    pub high: Map,
+    pub low: Option<Map>,
+}
+
+/// The convolutions of one unit, by the branch they connect.
+#[derive(Default)]
+pub struct Branches<'a> {
+    pub h2h: Option<&'a Conv2d>,
+    pub h2l: Option<&'a Conv2d>,
+    pub l2h: Option<&'a Conv2d>,
+    pub l2l: Option<&'a Conv2d>,
+}
+
+/// A folded conv unit (conv, BatchNorm, optional ReLU) ready for [`conv_sum`].
+#[derive(Clone, Debug)]
+pub struct FastLayer {
+    pub name: String,
+    h2h: Option<PackedConv>,
+    h2l: Option<PackedConv>,
+    l2h: Option<PackedConv>,
+    l2l: Option<PackedConv>,
+    /// Octave stride 2: the high input is average-pooled first (the convs keep stride 1).
+    pool_first: bool,
+    bias_high: Vec<f32>,
+    bias_low: Vec<f32>,
+    relu: bool,
+}
+
+impl FastLayer {
+    pub fn new(name: &str, convs: Branches, pool_first: bool, relu: bool) -> Result<Self> {
+        let pack = |c: Option<&Conv2d>| c.map(packed).transpose();
+        let bias = |a: Option<&Conv2d>, b: Option<&Conv2d>| -> Result<Vec<f32>> {
+            let mut sum = Vec::new();
+            for bias in [a, b].into_iter().flatten().filter_map(Conv2d::bias) {
+                let bias: Vec<f32> = bias.to_vec1()?;
+                sum.resize(bias.len(), 0.);
+                sum.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+            }
+            Ok(sum)
+        };
+        Ok(Self {
+            name: name.to_string(),
+            bias_high: bias(convs.h2h, convs.l2h)?,
+            bias_low: bias(convs.h2l, convs.l2l)?,
+            h2h: pack(convs.h2h)?,
+            h2l: pack(convs.h2l)?,
+            l2h: pack(convs.l2h)?,
+            l2l: pack(convs.l2l)?,
+            pool_first,
+            relu,
+        })
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.h2h.as_ref().map_or(0, PackedConv::c_in)
+    }
+
+    /// `conv(x)`, ReLU'd if the unit has one; with a residual, `relu(conv(x) + residual)` (the
+    /// end of a block). Branch by branch:
+    ///
+    /// ```text
+    /// stride 1: Y_H = h2h(X_H) + up(l2h(X_L))       Y_L = l2l(X_L) + h2l(pool(X_H))
+    /// stride 2: Y_H = h2h(P) + l2h(X_L), P = pool(X_H)   Y_L = l2l(pool(X_L)) + h2l(pool(P))
+    /// ```
+    pub fn forward(&self, x: &OctMap, residual: Option<&OctMap>) -> OctMap {
+        let pooled_high = self.pool_first.then(|| avg_pool2x2(&x.high));
+        let high_in = pooled_high.as_ref().unwrap_or(&x.high);
+        let low = self.low_output(high_in, x.low.as_ref(), residual);
+        let mut terms = Vec::with_capacity(2);
+        terms.extend(self.h2h.as_ref().map(|conv| Term {
+            conv,
+            input: high_in,
+        }));
+        let mut upsampled = None;
+        if let (Some(conv), Some(x_low)) = (&self.l2h, &x.low) {
+            if self.pool_first {
+                terms.push(Term { conv, input: x_low });
+            } else {
+                let term = Term { conv, input: x_low };
+                upsampled = Some(conv_sum(&[term], &Epilogue::default()));
+            }
+        }
+        let high = conv_sum(
+            &terms,
+            &Epilogue {
+                bias: &self.bias_high,
+                residual: residual.map(|r| &r.high),
+                upsampled: upsampled.as_ref(),
+                relu: self.relu || residual.is_some(),
+            },
+        );
+        OctMap { high, low }
+    }
+
+    fn low_output(
+        &self,
+        high_in: &Map,
+        x_low: Option<&Map>,
+        residual: Option<&OctMap>,
+    ) -> Option<Map> {
+        let pooled_low = match (x_low, &self.l2l) {
+            (Some(x), Some(_)) if self.pool_first => Some(avg_pool2x2(x)),
+            _ => None,
+        };
+        let twice_pooled = self.h2l.as_ref().map(|_| avg_pool2x2(high_in));
+        let mut terms = Vec::with_capacity(2);
+        if let (Some(conv), Some(x)) = (&self.l2l, pooled_low.as_ref().or(x_low)) {
+            terms.push(Term { conv, input: x });
+        }
+        if let (Some(conv), Some(x)) = (&self.h2l, &twice_pooled) {
+            terms.push(Term { conv, input: x });
+        }
+        if terms.is_empty() {
+            return None;
+        }
+        Some(conv_sum(
+            &terms,
+            &Epilogue {
+                bias: &self.bias_low,
+                residual: residual.and_then(|r| r.low.as_ref()),
+                upsampled: None,
+                relu: self.relu || residual.is_some(),
+            },
+        ))
+    }
+}
+
+fn packed(conv: &Conv2d) -> Result<PackedConv> {
+    if conv.groups() != 1 {
+        candle_core::bail!("fast path: grouped convolutions are not supported");
+    }
+    PackedConv::new(conv.weight(), conv.stride(), conv.padding())
+}
+
+/// The classifier as a 1x1 convolution over the pooled `[n, 1, 1, features]` map.
+pub fn packed_linear(weight: &Tensor) -> Result<PackedConv> {
+    PackedConv::new(&weight.unsqueeze(2)?.unsqueeze(3)?, 1, 0)
+}

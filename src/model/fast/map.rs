@@ -1,0 +1,184 @@
+//! Feature maps in NHWC order and the cheap ops between convolutions.
+//!
+//! NHWC keeps a pixel's channels contiguous, so a 1x1 convolution reads its input as the
+//! left-hand matrix of a GEMM as is, and every kxk patch row is `k` runs of `k * c` floats.
+
+use rayon::prelude::*;
+
+/// A batch of feature maps, `data[((n * h + y) * w + x) * c + ch]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Map {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub data: Vec<f32>,
+}
+
+/// Work below this many floats is not worth handing to another thread.
+const PAR_MIN_FLOATS: usize = 1 << 14;
+
+impl Map {
+    pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Self {
+            n,
+            h,
+            w,
+            c,
+            data: vec![0.; n * h * w * c],
+        }
+    }
+
+    pub fn pixels(&self) -> usize {
+        self.n * self.h * self.w
+    }
+
+    pub fn pixel(&self, image: usize, y: usize, x: usize) -> &[f32] {
+        let start = ((image * self.h + y) * self.w + x) * self.c;
+        &self.data[start..start + self.c]
+    }
+
+    /// From NCHW (candle's layout).
+    pub fn from_nchw(data: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
+        let mut map = Self::zeros(n, h, w, c);
+        let plane = h * w;
+        for (p, pixel) in map.data.chunks_exact_mut(c).enumerate() {
+            let (image, yx) = (p / plane, p % plane);
+            for (ch, v) in pixel.iter_mut().enumerate() {
+                *v = data[(image * c + ch) * plane + yx];
+            }
+        }
+        map
+    }
+
+    /// Calls `fill(image, y, row)` for every output row, rows spread over the threads.
+    fn fill_rows(&mut self, fill: impl Fn(usize, usize, &mut [f32]) + Sync) {
+        let row_len = self.w * self.c;
+        if row_len == 0 {
+            return;
+        }
+        let rows_per_task = PAR_MIN_FLOATS.div_ceil(row_len);
+        let h = self.h;
+        self.data
+            .par_chunks_mut(row_len * rows_per_task)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+                    let r = task * rows_per_task + i;
+                    fill(r / h, r % h, row);
+                }
+            });
+    }
+}
+
+/// Output size of a 2x2 / stride-2 ceil-mode pool (the octave low-resolution size).
+pub fn halved(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages what it covers
+/// (as [`crate::model::layers::avg_pool2x2`]).
+pub fn avg_pool2x2(x: &Map) -> Map {
+    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
+    out.fill_rows(|image, oy, row| {
+        let ys = 2 * oy..(2 * oy + 2).min(x.h);
+        for (ox, dst) in row.chunks_exact_mut(x.c).enumerate() {
+            let xs = 2 * ox..(2 * ox + 2).min(x.w);
+            let scale = 1.0 / (ys.len() * xs.len()) as f32;
+            for y in ys.clone() {
+                for xx in xs.clone() {
+                    let src = x.pixel(image, y, xx);
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                }
+            }
+            dst.iter_mut().for_each(|d| *d *= scale);
+        }
+    });
+    out
+}
+
+/// 3x3 max pool, stride 2, padding 1: the ResNet stem's.
+pub fn max_pool3x3s2p1(x: &Map) -> Map {
+    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
+    let window = |o: usize, len: usize| (2 * o).saturating_sub(1)..(2 * o + 2).min(len);
+    out.fill_rows(|image, oy, row| {
+        for (ox, dst) in row.chunks_exact_mut(x.c).enumerate() {
+            dst.fill(f32::MIN);
+            for y in window(oy, x.h) {
+                for xx in window(ox, x.w) {
+                    let src = x.pixel(image, y, xx);
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = d.max(s));
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Global average pool: `[n, c]` row-major.
+pub fn global_avg_pool(x: &Map) -> Vec<f32> {
+    let plane = x.h * x.w;
+    let mut out = vec![0f32; x.n * x.c];
+    for (image, sums) in out.chunks_exact_mut(x.c).enumerate() {
+        let pixels = &x.data[image * plane * x.c..(image + 1) * plane * x.c];
+        for pixel in pixels.chunks_exact(x.c) {
+            sums.iter_mut().zip(pixel).for_each(|(s, v)| *s += v);
+        }
+        sums.iter_mut().for_each(|s| *s /= plane as f32);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize, h: usize, w: usize, c: usize) -> Map {
+        let mut m = Map::zeros(n, h, w, c);
+        m.data
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i % 13) as f32 - 6.);
+        m
+    }
+
+    #[test]
+    fn nchw_to_nhwc_moves_channels_last() {
+        let nchw: Vec<f32> = (0..2 * 3 * 2 * 2).map(|i| i as f32).collect();
+        let m = Map::from_nchw(&nchw, 2, 3, 2, 2);
+        // image 1, y 0, x 1, channel 2 = NCHW index ((1 * 3 + 2) * 2 + 0) * 2 + 1.
+        assert_eq!(m.pixel(1, 0, 1)[2], 21.);
+    }
+
+    #[test]
+    fn avg_pool_averages_only_covered_cells_on_odd_sizes() {
+        let x = ramp(1, 3, 3, 2);
+        let p = avg_pool2x2(&x);
+        assert_eq!((p.h, p.w), (2, 2));
+        let mean = |cells: &[(usize, usize)], ch: usize| {
+            cells
+                .iter()
+                .map(|&(y, xx)| x.pixel(0, y, xx)[ch])
+                .sum::<f32>()
+                / cells.len() as f32
+        };
+        assert_eq!(
+            p.pixel(0, 0, 0)[1],
+            mean(&[(0, 0), (0, 1), (1, 0), (1, 1)], 1)
+        );
+        assert_eq!(p.pixel(0, 0, 1)[0], mean(&[(0, 2), (1, 2)], 0));
+        assert_eq!(p.pixel(0, 1, 1)[1], mean(&[(2, 2)], 1));
+    }
+
+    #[test]
+    fn max_pool_takes_the_window_maximum() {
+        let x = ramp(2, 5, 4, 3);
+        let p = max_pool3x3s2p1(&x);
+        assert_eq!((p.h, p.w), (3, 2));
+        let expected = [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+            .iter()
+            .map(|&(y, xx)| x.pixel(1, y, xx)[2])
+            .fold(f32::MIN, f32::max);
+        assert_eq!(p.pixel(1, 1, 0)[2], expected);
+    }
+}

@@ -1,0 +1,177 @@
+//! The CPU inference path: a BatchNorm-folded network compiled once into NHWC GEMMs.
+//!
+//! candle's CPU conv2d re-lays-out its input and kernel on every call and runs bias, ReLU,
+//! residual add, pooling and upsampling as separate passes over NCHW tensors. For the octave
+//! nets, whose four small convolutions per layer cost as many of those passes as one big one,
+//! that overhead is why they ran slower than their vanilla twins. Here:
+//!
+//! - weights are laid out once, at load, as GEMM right-hand matrices ([`conv::PackedConv`]);
+//! - maps stay NHWC from the stem to the classifier, so 1x1 convolutions are plain GEMMs on
+//!   the map and kxk ones build their patch rows tile by tile in cache;
+//! - the convolutions feeding one frequency branch accumulate into the same output tile, and
+//!   bias, residual add, the upsampled L->H add and ReLU are applied to that tile before it
+//!   leaves the cache ([`conv::conv_sum`]);
+//! - tiles are spread over the threads, by columns as well when a layer has few pixels, so
+//!   batch 1 uses every core.
+//!
+//! [`FastNet`] is a candle [`CustomOp1`]: `Model::forward` applies it to the input tensor on
+//! the CPU, and runs the plain candle network on other devices and dtypes.
+
+pub mod conv;
+mod kernel;
+pub mod layer;
+pub mod map;
+
+use std::time::{Duration, Instant};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use conv::{conv_sum, Epilogue, PackedConv, Term};
+use layer::{packed_linear, FastLayer, OctMap};
+use map::{global_avg_pool, max_pool3x3s2p1, Map};
+
+/// A residual block: `relu(last(...first(x)) + shortcut(x))`.
+#[derive(Clone, Debug)]
+pub struct FastBlock {
+    pub convs: Vec<FastLayer>,
+    pub downsample: Option<FastLayer>,
+}
+
+/// Wall time per layer name, in execution order.
+pub type LayerTimes = Vec<(String, Duration)>;
+
+/// A whole network on the fast path.
+#[derive(Clone, Debug)]
+pub struct FastNet {
+    stem: FastLayer,
+    stem_pool: bool,
+    blocks: Vec<FastBlock>,
+    fc: PackedConv,
+    fc_bias: Vec<f32>,
+}
+
+impl FastNet {
+    pub fn new(
+        stem: FastLayer,
+        stem_pool: bool,
+        blocks: Vec<FastBlock>,
+        fc_weight: &Tensor,
+        fc_bias: Option<&Tensor>,
+    ) -> Result<Self> {
+        Ok(Self {
+            stem,
+            stem_pool,
+            blocks,
+            fc: packed_linear(fc_weight)?,
+            fc_bias: fc_bias
+                .map(|b| b.to_vec1())
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// NHWC input -> `[n, classes]` logits, row-major.
+    pub fn forward(&self, x: &Map) -> Vec<f32> {
+        self.run(x, None)
+    }
+
+    /// The forward pass with the time each layer took.
+    pub fn profile(&self, x: &Map) -> (Vec<f32>, LayerTimes) {
+        let mut times = Vec::new();
+        let logits = self.run(x, Some(&mut times));
+        (logits, times)
+    }
+
+    /// Runs the whole pass on a worker of the global thread pool, so the threads hand work to
+    /// each other between layers instead of waking from sleep for each of them.
+    fn run(&self, x: &Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
+        rayon::scope(|_| self.run_layers(x, times))
+    }
+
+    fn run_layers(&self, x: &Map, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
+        let mut clock = Instant::now();
+        let mut lap = |name: &str| {
+            if let Some(times) = times.as_deref_mut() {
+                times.push((name.to_string(), clock.elapsed()));
+                clock = Instant::now();
+            }
+        };
+        let x = OctMap {
+            high: x.clone(),
+            low: None,
+        };
+        let mut x = self.stem.forward(&x, None);
+        lap(&self.stem.name);
+        if self.stem_pool {
+            x.high = max_pool3x3s2p1(&x.high);
+            lap("maxpool");
+        }
+        for block in &self.blocks {
+            let (last, chain) = block.convs.split_last().expect("a block has convs");
+            let mut y = None;
+            for conv in chain {
+                y = Some(conv.forward(y.as_ref().unwrap_or(&x), None));
+                lap(&conv.name);
+            }
+            let shortcut = block.downsample.as_ref().map(|d| {
+                let s = d.forward(&x, None);
+                lap(&d.name);
+                s
+            });
+            x = last.forward(
+                y.as_ref().unwrap_or(&x),
+                Some(shortcut.as_ref().unwrap_or(&x)),
+            );
+            lap(&last.name);
+        }
+        let pooled = global_avg_pool(&x.high);
+        let features = Map {
+            n: x.high.n,
+            h: 1,
+            w: 1,
+            c: x.high.c,
+            data: pooled,
+        };
+        let term = Term {
+            conv: &self.fc,
+            input: &features,
+        };
+        let epilogue = Epilogue {
+            bias: &self.fc_bias,
+            ..Epilogue::default()
+        };
+        let logits = conv_sum(&[term], &epilogue).data;
+        lap("fc");
+        logits
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.stem.in_channels()
+    }
+
+    pub fn classes(&self) -> usize {
+        self.fc.c_out()
+    }
+}
+
+impl CustomOp1 for FastNet {
+    fn name(&self) -> &'static str {
+        "octserve-fast-resnet"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        if c != self.in_channels() {
+            candle_core::bail!("the model takes {} channels, got {c}", self.in_channels());
+        }
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("the fast path runs f32 inputs only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the fast path needs a contiguous input");
+        };
+        let x = Map::from_nchw(&data[start..end], n, c, h, w);
+        let logits = self.forward(&x);
+        Ok((CpuStorage::F32(logits), Shape::from((n, self.classes()))))
+    }
+}
