@@ -69,3 +69,10 @@ pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let peak = PEAK.with(|p| p.replace(saved_peak.max(p.get())));
     (out, (peak - start).max(0) as usize)
 }
+
+/// Counts `bytes`, held at once by work this thread handed to another thread and waited for
+/// (measured there with [`measure_peak`]), as if this thread had held them on top of what it has.
+pub fn credit_peak(bytes: usize) {
+    let live = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(p.get().max(live + bytes as isize)));
+}

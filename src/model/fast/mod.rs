@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use crate::alloc::{credit_peak, measure_peak};
 use conv::{conv_sum, Epilogue, PackedConv, Term};
 use layer::{packed_linear, FastLayer, OctMap};
 use map::{global_avg_pool, max_pool3x3s2p1, Map};
@@ -83,9 +84,12 @@ impl FastNet {
     }
 
     /// Runs the whole pass on a worker of the global thread pool, so the threads hand work to
-    /// each other between layers instead of waking from sleep for each of them.
+    /// each other between layers instead of waking from sleep for each of them. The maps it
+    /// allocates there are counted as the caller's (see [`crate::alloc`]).
     fn run(&self, x: &Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
-        rayon::scope(|_| self.run_layers(x, times))
+        let (logits, peak) = rayon::scope(|_| measure_peak(|| self.run_layers(x, times)));
+        credit_peak(peak);
+        logits
     }
 
     fn run_layers(&self, x: &Map, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
