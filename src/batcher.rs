@@ -2,9 +2,12 @@
 //!
 //! Handlers submit [`Job`]s into a bounded queue (full: refused at once). A batching task takes
 //! the oldest job, waits at most `max_queue_delay` from when that job arrived for more (a full
-//! batch goes at once), drops jobs whose caller gave up or whose deadline passed (answering the
-//! latter DEADLINE_EXCEEDED without computing them), and hands the batch to the model worker
-//! through a one-slot channel, so the next batch forms while the current one computes.
+//! batch goes at once), drops jobs whose caller gave up or whose deadline or queue timeout passed
+//! (answering DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED without computing them), and hands the
+//! batch to the model worker through a one-slot channel, so the next batch forms while the
+//! current one computes. The queue timeout is Triton's `default_timeout_microseconds`: under
+//! overload it bounds how long an accepted request can wait, where the queue size alone bounds
+//! it only at the capacity the server has when it is not also busy refusing requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,6 +34,8 @@ pub enum InferError {
     QueueFull { variant: String, capacity: usize },
     #[error("the deadline passed while the request waited in the queue")]
     DeadlineExceeded,
+    #[error("the request waited longer than {variant}'s queue timeout of {timeout:?}: the server is overloaded; retry later")]
+    QueueTimeout { variant: String, timeout: Duration },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("the model failed on this batch: {0}")]
@@ -44,7 +49,10 @@ pub struct Job {
     /// Normalised CHW input.
     pub input: Vec<f32>,
     pub enqueued: Instant,
+    /// The caller's deadline (gRPC timeout).
     pub deadline: Option<Instant>,
+    /// When the variant's queue timeout runs out, set on submission.
+    queue_timeout: Option<(Instant, InferError)>,
     pub reply: oneshot::Sender<Result<Prediction, InferError>>,
 }
 
@@ -58,9 +66,21 @@ impl Job {
             input,
             enqueued: Instant::now(),
             deadline,
+            queue_timeout: None,
             reply,
         };
         (job, rx)
+    }
+
+    /// Why this job must not be computed any more, if it must not.
+    fn expired(&self, now: Instant) -> Option<InferError> {
+        if self.deadline.is_some_and(|d| d <= now) {
+            return Some(InferError::DeadlineExceeded);
+        }
+        match &self.queue_timeout {
+            Some((at, error)) if *at <= now => Some(error.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -71,11 +91,19 @@ pub struct BatchQueue {
     tx: mpsc::Sender<Job>,
     depth: Arc<AtomicUsize>,
     capacity: usize,
+    timeout: Option<Duration>,
 }
 
 impl BatchQueue {
     /// Enqueues `job`, or refuses it at once when the queue is full or closed.
-    pub fn submit(&self, job: Job) -> Result<(), InferError> {
+    pub fn submit(&self, mut job: Job) -> Result<(), InferError> {
+        if let Some(timeout) = self.timeout {
+            let error = InferError::QueueTimeout {
+                variant: self.variant.clone(),
+                timeout,
+            };
+            job.queue_timeout = Some((job.enqueued + timeout, error));
+        }
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InferError::QueueFull {
                 variant: self.variant.clone(),
@@ -123,6 +151,7 @@ pub fn spawn_batcher(
         tx,
         depth: depth.clone(),
         capacity: config.max_queue_size,
+        timeout: config.queue_timeout(),
     };
     let task = tokio::spawn(form_batches(rx, depth, config, batches));
     (queue, task)
@@ -157,18 +186,21 @@ async fn form_batches(
 }
 
 /// Keeps the jobs still worth computing: answers expired ones, forgets abandoned ones.
-fn drop_expired(batch: Vec<Job>) -> Vec<Job> {
+/// Checked when a batch forms and again when the worker takes it.
+pub fn drop_expired(batch: Vec<Job>) -> Vec<Job> {
     let now = Instant::now();
     batch
         .into_iter()
         .filter_map(|job| {
             if job.reply.is_closed() {
-                None
-            } else if job.deadline.is_some_and(|d| d <= now) {
-                let _ = job.reply.send(Err(InferError::DeadlineExceeded));
-                None
-            } else {
-                Some(job)
+                return None;
+            }
+            match job.expired(now) {
+                Some(error) => {
+                    let _ = job.reply.send(Err(error));
+                    None
+                }
+                None => Some(job),
             }
         })
         .collect()

@@ -38,6 +38,9 @@ pub struct BatchingConfig {
     pub max_queue_delay_us: u64,
     /// Requests beyond this many waiting are refused at once (RESOURCE_EXHAUSTED).
     pub max_queue_size: usize,
+    /// A request that waited this long is refused (RESOURCE_EXHAUSTED) instead of computed;
+    /// 0 for no limit (Triton's `default_timeout_microseconds` with `timeout_action: REJECT`).
+    pub queue_timeout_us: u64,
 }
 
 impl Default for BatchingConfig {
@@ -46,6 +49,7 @@ impl Default for BatchingConfig {
             max_batch_size: 32,
             max_queue_delay_us: 2000,
             max_queue_size: 1024,
+            queue_timeout_us: 0,
         }
     }
 }
@@ -53,6 +57,10 @@ impl Default for BatchingConfig {
 impl BatchingConfig {
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_micros(self.max_queue_delay_us)
+    }
+
+    pub fn queue_timeout(&self) -> Option<Duration> {
+        (self.queue_timeout_us > 0).then(|| Duration::from_micros(self.queue_timeout_us))
     }
 }
 

@@ -39,7 +39,9 @@ impl ServeError {
             Self::Loading => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Infer(e) => match e {
-                InferError::QueueFull { .. } => Code::ResourceExhausted,
+                InferError::QueueFull { .. } | InferError::QueueTimeout { .. } => {
+                    Code::ResourceExhausted
+                }
                 InferError::DeadlineExceeded => Code::DeadlineExceeded,
                 InferError::ShuttingDown => Code::Unavailable,
                 InferError::Model(_) | InferError::WorkerDied => Code::Internal,

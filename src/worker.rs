@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor, D};
 use tokio::sync::{mpsc, watch};
 
 use crate::alloc::measure_peak;
-use crate::batcher::{InferError, Job, Prediction};
+use crate::batcher::{drop_expired, InferError, Job, Prediction};
 use crate::device::{device_name, memory_info};
 use crate::model::Model;
 
@@ -161,8 +161,9 @@ fn serve_batches(mut model: impl BatchModel, batches: &Batches, observe: &dyn Fn
             .unwrap_or_else(PoisonError::into_inner)
             .blocking_recv();
         let Some(batch) = batch else { return };
-        // A caller that gave up while the batch waited for the worker is not computed.
-        let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        // A job whose caller gave up or whose time ran out while the batch waited for the
+        // worker is not computed.
+        let batch = drop_expired(batch);
         if batch.is_empty() {
             continue;
         }

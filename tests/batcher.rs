@@ -18,6 +18,7 @@ fn config(max_batch_size: usize, max_queue_size: usize) -> BatchingConfig {
         max_batch_size,
         max_queue_delay_us: DELAY.as_micros() as u64,
         max_queue_size,
+        queue_timeout_us: 0,
     }
 }
 
@@ -157,4 +158,31 @@ async fn a_panicking_batch_fails_alone_and_the_worker_keeps_serving() {
     let next = submit(&queue, 5., None).await.unwrap().unwrap();
     assert_eq!(next.probabilities, vec![5.]);
     assert_eq!(echo.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_outwaits_the_queue_timeout_is_refused_and_a_prompt_one_computed() {
+    let timeout = DELAY / 2;
+    let (queue, echo) = served(BatchingConfig {
+        queue_timeout_us: timeout.as_micros() as u64,
+        ..config(2, 64)
+    });
+    // Alone, it waits the whole queue delay for a partner: longer than the timeout.
+    let late = submit(&queue, 1., None).await.unwrap();
+    assert_eq!(
+        late,
+        Err(InferError::QueueTimeout {
+            variant: "test".into(),
+            timeout
+        })
+    );
+    // A full batch goes at once, well within the timeout.
+    let (a, b) = (submit(&queue, 2., None), submit(&queue, 3., None));
+    assert_eq!(a.await.unwrap().unwrap().probabilities, vec![2.]);
+    assert_eq!(b.await.unwrap().unwrap().probabilities, vec![3.]);
+    assert_eq!(
+        echo.images.load(Ordering::SeqCst),
+        2,
+        "the late one was not computed"
+    );
 }

@@ -270,7 +270,7 @@ async fn shutdown_answers_every_accepted_request_and_refuses_new_ones() {
     let batching = BatchingConfig {
         max_batch_size: 64,
         max_queue_delay_us: 400_000,
-        max_queue_size: 1024,
+        ..BatchingConfig::default()
     };
     let (mut server, _dir) = random_server(Some(batching)).await;
     let png = encode(&gray(28, 28), ImageFormat::Png);

@@ -6,7 +6,8 @@
 #   bash tools/load/overload_soak.sh soak         # capacity, then 70% of it for 10 minutes
 #
 # One variant (VARIANT, default vanilla) takes the load, so its queue alone bounds the wait.
-# Env: OUT (default target/load), SOAK_SECS (600), OVERLOAD_SECS (60), CAPACITY (skip measuring).
+# Env: OUT (default target/load), SOAK_SECS (600), OVERLOAD_SECS (60), CAPACITY (skip measuring),
+# QUEUE_TIMEOUT_US (the server's [batching] queue_timeout_us, default 0 = none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:?overload or soak}
@@ -16,7 +17,15 @@ GRPC=127.0.0.1:50551
 mkdir -p "$OUT"
 [[ -x $BIN ]] || cargo build --release --locked
 
-$BIN serve --grpc-addr $GRPC --metrics-addr 127.0.0.1:9551 > "$OUT/$MODE-server.log" 2>&1 &
+# The shipped model with the default batching, plus a queue timeout for the overload run (env
+# QUEUE_TIMEOUT_US, default 0 = none): see BENCHMARKS.md "Overload".
+cat > "$OUT/$MODE.toml" <<EOF
+models = ["$PWD/models/fashion-mnist/manifest.toml"]
+[batching]
+queue_timeout_us = ${QUEUE_TIMEOUT_US:-0}
+EOF
+$BIN serve --config "$OUT/$MODE.toml" --grpc-addr $GRPC --metrics-addr 127.0.0.1:9551 \
+    > "$OUT/$MODE-server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; kill $SAMPLER 2>/dev/null || true' EXIT
 until grep -q "models loaded" "$OUT/$MODE-server.log"; do sleep 0.2; done

@@ -35,8 +35,12 @@ pub struct PackedConv {
 }
 
 impl PackedConv {
-    /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped).
+    /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped), for this CPU's kernel.
     pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        Self::for_kernel(weight, stride, padding, Kernel::detect())
+    }
+
+    fn for_kernel(weight: &Tensor, stride: usize, padding: usize, gemm: Kernel) -> Result<Self> {
         let (c_out, c_in, kernel, kw) = weight.dims4()?;
         if kernel != kw {
             candle_core::bail!("fast path: square kernels only, got {kernel}x{kw}");
@@ -51,7 +55,7 @@ impl PackedConv {
             stride,
             padding,
             c_in,
-            weights: PackedB::new(&weight, kernel * kernel * c_in, c_out),
+            weights: PackedB::new(&weight, kernel * kernel * c_in, c_out, gemm),
         })
     }
 
@@ -169,10 +173,6 @@ unsafe impl Sync for OutPtr {}
 
 /// `epilogue(sum of conv(input) over terms)`: all terms must give the same output size.
 pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
-    conv_sum_with(Kernel::detect(), terms, epilogue)
-}
-
-fn conv_sum_with(kernel: Kernel, terms: &[Term], epilogue: &Epilogue) -> Map {
     let first = &terms[0];
     let (n, ho, wo) = (
         first.input.n,
@@ -197,7 +197,7 @@ fn conv_sum_with(kernel: Kernel, terms: &[Term], epilogue: &Epilogue) -> Map {
     let m = out.pixels();
     let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
     let tile_rows = (TILE_FLOATS / depth).clamp(32, 512);
-    let align = first.conv.weights.panel_width();
+    let align = first.conv.weights.column_align();
     let dst = OutPtr(out.data.as_mut_ptr());
     let addends = |r: usize| {
         let residual = epilogue
@@ -219,15 +219,7 @@ fn conv_sum_with(kernel: Kernel, terms: &[Term], epilogue: &Epilogue) -> Map {
         .for_each(|block| {
             for (i, term) in terms.iter().enumerate() {
                 let last = i + 1 == terms.len();
-                gemm_block(
-                    kernel,
-                    term,
-                    &block,
-                    dst,
-                    c_out,
-                    i > 0,
-                    last.then_some(&finish),
-                );
+                gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
             }
         });
     out
@@ -235,7 +227,6 @@ fn conv_sum_with(kernel: Kernel, terms: &[Term], epilogue: &Epilogue) -> Map {
 
 /// `dst[block] (+)= patches(term.input)[rows] x weight[.., cols]`, then `finish`.
 fn gemm_block(
-    kernel: Kernel,
     term: &Term,
     block: &Block,
     dst: OutPtr,
@@ -251,7 +242,6 @@ fn gemm_block(
         // tasks' blocks are disjoint.
         unsafe {
             kernel::gemm(
-                kernel,
                 lhs,
                 depth,
                 block.rows.clone(),
@@ -331,6 +321,7 @@ mod tests {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn packed(
         weight: &[f32],
         c_out: usize,
@@ -338,9 +329,10 @@ mod tests {
         k: usize,
         s: usize,
         p: usize,
+        gemm: Kernel,
     ) -> PackedConv {
         let t = Tensor::from_vec(weight.to_vec(), (c_out, c_in, k, k), &Device::Cpu).unwrap();
-        PackedConv::new(&t, s, p).unwrap()
+        PackedConv::for_kernel(&t, s, p, gemm).unwrap()
     }
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
@@ -348,17 +340,14 @@ mod tests {
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
         let mut kernels = vec![Kernel::Portable];
-        if Kernel::detect() == Kernel::Avx512 {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
             kernels.push(Kernel::Avx512);
         }
         for &(c_out, stride) in &[(37, 1), (10, 1), (64, 2)] {
             let (n, h, w) = (2, 9, 7);
             let (a, b) = (map(n, h, w, 5, 1), map(n, h, w, 3, 2));
             let (wa, wb) = (values(c_out * 5 * 9, 3), values(c_out * 3, 4));
-            let (pa, pb) = (
-                packed(&wa, c_out, 5, 3, stride, 1),
-                packed(&wb, c_out, 3, 1, stride, 0),
-            );
             let (ya, yb) = (
                 naive(&a, &wa, c_out, 3, stride, 1),
                 naive(&b, &wb, c_out, 1, stride, 0),
@@ -373,18 +362,20 @@ mod tests {
                 upsampled: Some(&low),
                 relu: true,
             };
-            let terms = [
-                Term {
-                    conv: &pa,
-                    input: &a,
-                },
-                Term {
-                    conv: &pb,
-                    input: &b,
-                },
-            ];
             for &kernel in &kernels {
-                let out = conv_sum_with(kernel, &terms, &epilogue);
+                let pa = packed(&wa, c_out, 5, 3, stride, 1, kernel);
+                let pb = packed(&wb, c_out, 3, 1, stride, 0, kernel);
+                let terms = [
+                    Term {
+                        conv: &pa,
+                        input: &a,
+                    },
+                    Term {
+                        conv: &pb,
+                        input: &b,
+                    },
+                ];
+                let out = conv_sum(&terms, &epilogue);
                 assert_eq!((out.n, out.h, out.w, out.c), (n, ho, wo, c_out));
                 for (i, &got) in out.data.iter().enumerate() {
                     let (r, co) = (i / c_out, i % c_out);

@@ -16,10 +16,11 @@ const KC: usize = 256;
 /// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
 const GROUP_FLOATS: usize = 1 << 16;
 
-/// A `k x n` weight matrix as zero-padded panels of `width` columns:
-/// `data[(panel * k + row) * width + j]`.
+/// A `k x n` weight matrix as zero-padded panels of `width` columns,
+/// `data[(panel * k + row) * width + j]`, for the kernel that will read it.
 #[derive(Clone, Debug)]
 pub struct PackedB {
+    kernel: Kernel,
     k: usize,
     n: usize,
     width: usize,
@@ -27,11 +28,16 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// From row-major `[k, n]`; panels are 32 wide, or 16 for narrow outputs (<= 16 columns)
-    /// so that little of the work multiplies padding.
-    pub fn new(weights: &[f32], k: usize, n: usize) -> Self {
+    /// From row-major `[k, n]`. For the AVX-512 kernel panels are 32 wide, or 16 for narrow
+    /// outputs (<= 16 columns) so that little of the work multiplies padding; the `gemm` crate
+    /// packs for itself and takes one panel as wide as the matrix.
+    pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(weights.len(), k * n);
-        let width = if n <= 16 { 16 } else { 32 };
+        let width = match kernel {
+            Kernel::Avx512 if n <= 16 => 16,
+            Kernel::Avx512 => 32,
+            Kernel::Portable => n,
+        };
         let panels = n.div_ceil(width);
         let mut data = vec![0f32; panels * k * width];
         for p in 0..panels {
@@ -42,16 +48,25 @@ impl PackedB {
                     .copy_from_slice(&weights[row * n + cols.start..row * n + cols.end]);
             }
         }
-        Self { k, n, width, data }
+        Self {
+            kernel,
+            k,
+            n,
+            width,
+            data,
+        }
     }
 
     pub fn n(&self) -> usize {
         self.n
     }
 
-    /// Column blocks handed to different threads start on panel boundaries.
-    pub fn panel_width(&self) -> usize {
-        self.width
+    /// Column blocks handed to different threads start on multiples of this.
+    pub fn column_align(&self) -> usize {
+        match self.kernel {
+            Kernel::Avx512 => self.width,
+            Kernel::Portable => 16,
+        }
     }
 
     fn panel(&self, p: usize) -> &[f32] {
@@ -70,14 +85,20 @@ pub struct Finish<'a> {
 /// Which implementation runs the GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// Our micro-kernel on pre-packed panels with the epilogue in its store.
     Avx512,
+    /// The `gemm` crate on the block, then the epilogue over the block while it is in cache.
     Portable,
 }
 
 impl Kernel {
+    /// The `gemm` crate, unless `OCTSERVE_GEMM=avx512` on a CPU that has AVX-512F: see
+    /// BENCHMARKS.md for why the crate is the default where both run.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
+        if std::env::var("OCTSERVE_GEMM").is_ok_and(|v| v == "avx512")
+            && is_x86_feature_detected!("avx512f")
+        {
             return Kernel::Avx512;
         }
         Kernel::Portable
@@ -92,7 +113,6 @@ impl Kernel {
 /// stride `ldc`, and addend pointers `ldc`-long rows; no one else may touch `c[rows, cols]`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
-    kernel: Kernel,
     a: *const f32,
     lda: usize,
     rows: std::ops::Range<usize>,
@@ -103,8 +123,8 @@ pub unsafe fn gemm(
     accumulate: bool,
     finish: Option<&Finish>,
 ) {
-    debug_assert_eq!(cols.start % b.width, 0);
-    match kernel {
+    debug_assert_eq!(cols.start % b.column_align(), 0);
+    match b.kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => avx512::gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
         _ => portable_gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
@@ -123,30 +143,27 @@ unsafe fn portable_gemm(
     accumulate: bool,
     finish: Option<&Finish>,
 ) {
-    for p in cols.start / b.width..cols.end.div_ceil(b.width) {
-        let width = b.width.min(b.n - p * b.width);
-        gemm::gemm(
-            rows.len(),
-            width,
-            b.k,
-            c.add(rows.start * ldc + p * b.width),
-            1,
-            ldc as isize,
-            accumulate,
-            a,
-            1,
-            lda as isize,
-            b.panel(p).as_ptr(),
-            1,
-            b.width as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    gemm::gemm(
+        rows.len(),
+        cols.len(),
+        b.k,
+        c.add(rows.start * ldc + cols.start),
+        1,
+        ldc as isize,
+        accumulate,
+        a,
+        1,
+        lda as isize,
+        b.data.as_ptr().add(cols.start),
+        1,
+        b.n as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
     let Some(f) = finish else { return };
     for r in rows {
         let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
