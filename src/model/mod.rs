@@ -139,7 +139,7 @@ impl Model {
         };
         let (n, c, h, w) = x.dims4()?;
         let data = x.flatten_all()?.to_vec1::<f32>()?;
-        let (_, times) = fast.profile(&fast::map::Map::from_nchw(&data, n, c, h, w));
+        let (_, times) = fast.profile(fast::map::Map::from_nchw(&data, n, c, h, w));
         Ok(Some(times))
     }
 

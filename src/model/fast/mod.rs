@@ -71,13 +71,14 @@ impl FastNet {
         })
     }
 
-    /// NHWC input -> `[n, classes]` logits, row-major.
-    pub fn forward(&self, x: &Map) -> Vec<f32> {
+    /// NHWC input -> `[n, classes]` logits, row-major. Every map, the input included, is freed
+    /// as soon as its last reader is done, so the peak is what the cost walk counts.
+    pub fn forward(&self, x: Map) -> Vec<f32> {
         self.run(x, None)
     }
 
     /// The forward pass with the time each layer took.
-    pub fn profile(&self, x: &Map) -> (Vec<f32>, LayerTimes) {
+    pub fn profile(&self, x: Map) -> (Vec<f32>, LayerTimes) {
         let mut times = Vec::new();
         let logits = self.run(x, Some(&mut times));
         (logits, times)
@@ -86,13 +87,13 @@ impl FastNet {
     /// Runs the whole pass on a worker of the global thread pool, so the threads hand work to
     /// each other between layers instead of waking from sleep for each of them. The maps it
     /// allocates there are counted as the caller's (see [`crate::alloc`]).
-    fn run(&self, x: &Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
+    fn run(&self, x: Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
         let (logits, peak) = rayon::scope(|_| measure_peak(|| self.run_layers(x, times)));
         credit_peak(peak);
         logits
     }
 
-    fn run_layers(&self, x: &Map, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
+    fn run_layers(&self, x: Map, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
         let mut clock = Instant::now();
         let mut lap = |name: &str| {
             if let Some(times) = times.as_deref_mut() {
@@ -100,11 +101,12 @@ impl FastNet {
                 clock = Instant::now();
             }
         };
-        let x = OctMap {
-            high: x.clone(),
+        let input = OctMap {
+            high: x,
             low: None,
         };
-        let mut x = self.stem.forward(&x, None);
+        let mut x = self.stem.forward(&input, None);
+        drop(input);
         lap(&self.stem.name);
         if self.stem_pool {
             x.high = max_pool3x3s2p1(&x.high);
@@ -117,15 +119,17 @@ impl FastNet {
                 y = Some(conv.forward(y.as_ref().unwrap_or(&x), None));
                 lap(&conv.name);
             }
-            let shortcut = block.downsample.as_ref().map(|d| {
-                let s = d.forward(&x, None);
-                lap(&d.name);
-                s
-            });
-            x = last.forward(
-                y.as_ref().unwrap_or(&x),
-                Some(shortcut.as_ref().unwrap_or(&x)),
-            );
+            let y = y.expect("residual blocks have at least two convs");
+            let shortcut = match &block.downsample {
+                Some(d) => {
+                    let projected = d.forward(&x, None);
+                    lap(&d.name);
+                    drop(x);
+                    projected
+                }
+                None => x,
+            };
+            x = last.forward(&y, Some(&shortcut));
             lap(&last.name);
         }
         let pooled = global_avg_pool(&x.high);
@@ -174,8 +178,7 @@ impl CustomOp1 for FastNet {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("the fast path needs a contiguous input");
         };
-        let x = Map::from_nchw(&data[start..end], n, c, h, w);
-        let logits = self.forward(&x);
+        let logits = self.forward(Map::from_nchw(&data[start..end], n, c, h, w));
         Ok((CpuStorage::F32(logits), Shape::from((n, self.classes()))))
     }
 }
