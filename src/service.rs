@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::batcher::{InferError, Job, Prediction};
 use crate::error::ServeError;
@@ -322,12 +323,18 @@ impl pb::classifier_server::Classifier for ClassifierService {
         let request = request.into_inner();
         let span =
             tracing::info_span!("classify", model = %request.model, variant = %request.variant);
-        let _enter = span.enter();
-        let response = self.state.classify(request, deadline).await;
-        if let Err(e) = &response {
-            tracing::debug!(error = %e, "request failed");
+        // Instrumented, not entered: a guard held across `.await` stays entered on the thread
+        // and becomes the parent of the next request's span, a chain that grows under load
+        // until closing it overflows the stack.
+        async {
+            let response = self.state.classify(request, deadline).await;
+            if let Err(e) = &response {
+                tracing::debug!(error = %e, "request failed");
+            }
+            Ok(Response::new(response?))
         }
-        Ok(Response::new(response?))
+        .instrument(span)
+        .await
     }
 
     type ClassifyStreamStream = ResponseStream;

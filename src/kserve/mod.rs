@@ -13,6 +13,7 @@ use std::sync::Arc;
 use futures::future::try_join_all;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::ServeError;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -118,12 +119,15 @@ impl GrpcInferenceService for InferenceService {
             model = %request.model_name,
             version = %request.model_version
         );
-        let _enter = span.enter();
-        let response = infer(&self.state, request, deadline).await;
-        if let Err(e) = &response {
-            tracing::debug!(error = %e, "request failed");
+        async {
+            let response = infer(&self.state, request, deadline).await;
+            if let Err(e) = &response {
+                tracing::debug!(error = %e, "request failed");
+            }
+            Ok(Response::new(response?))
         }
-        Ok(Response::new(response?))
+        .instrument(span)
+        .await
     }
 }
 

@@ -101,10 +101,7 @@ impl FastNet {
                 clock = Instant::now();
             }
         };
-        let input = OctMap {
-            high: x,
-            low: None,
-        };
+        let input = OctMap { high: x, low: None };
         let mut x = self.stem.forward(&input, None);
         drop(input);
         lap(&self.stem.name);
