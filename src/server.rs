@@ -24,6 +24,9 @@ use crate::security::{ApiKey, RequireApiKey, TlsConfig};
 use crate::service::{ClassifierService, ServingState};
 use crate::worker::WorkerHealth;
 
+/// Streams a client may reset before the server accepts them, per connection (h2's default: 20).
+const MAX_PENDING_RESET_STREAMS: usize = 1024;
+
 const CLASSIFIER_NAME: &str =
     <ClassifierServer<ClassifierService> as tonic::server::NamedService>::NAME;
 const INFERENCE_NAME: &str =
@@ -122,7 +125,11 @@ pub async fn run(
             state.drain(options.grace_period).await;
         }
     };
-    let mut builder = Server::builder();
+    // hyper's rapid-reset guard (CVE-2023-44487) closes a connection after 20 streams the client
+    // reset before the server took them: with one shared channel, 20 impatient callers would cut
+    // off everyone else on it. The guard stays, with room for a busy client's cancellations.
+    let mut builder =
+        Server::builder().http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS));
     if let Some(tls) = &options.tls {
         builder = builder
             .tls_config(tls.server_config()?)

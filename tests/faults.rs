@@ -116,9 +116,9 @@ async fn clients_that_vanish_or_send_a_gigabyte_do_not_affect_the_others() {
     let scenario = FailScenario::setup();
     let (server, _dir) = server("hostile").await;
 
-    // Impatient clients, on a connection of their own as another client's would be: each call
-    // is cancelled after 1 ms, mostly while in flight.
-    let impatient_client = ClassifierClient::new(server.new_connection().await);
+    // Impatient clients, on the same HTTP/2 connection as the ordinary ones: each call is
+    // cancelled after 1 ms, mostly while in flight, and its stream reset.
+    let impatient_client = server.client();
     let impatient = (0..50).map(|_| {
         let mut client = impatient_client.clone();
         async move {
