@@ -11,7 +11,7 @@ use std::ops::Range;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{self, Finish, Kernel, PackedB};
+use super::kernel::{self, Finish, Gemm, Kernel, PackedB};
 use super::map::Map;
 
 /// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
@@ -241,17 +241,17 @@ fn gemm_block(
         // `m x ld_dst`, residual and upsampled rows are `ld_dst` long (checked shapes), and the
         // tasks' blocks are disjoint.
         unsafe {
-            kernel::gemm(
-                lhs,
-                depth,
-                block.rows.clone(),
-                &conv.weights,
-                block.cols.clone(),
-                dst.0,
-                ld_dst,
+            kernel::gemm(&Gemm {
+                a: lhs,
+                lda: depth,
+                rows: block.rows.clone(),
+                b: &conv.weights,
+                cols: block.cols.clone(),
+                c: dst.0,
+                ldc: ld_dst,
                 accumulate,
                 finish,
-            )
+            })
         }
     };
     if conv.reads_input_directly() {

@@ -8,6 +8,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 /// Rows per micro-kernel call.
 const MR: usize = 8;
@@ -105,44 +106,39 @@ impl Kernel {
     }
 }
 
-/// Output rows `rows` (A's row 0 is `rows.start`) and columns `cols` (starting on a panel
-/// boundary) of `C (+)= A x B`, then `finish` when given.
+/// One call: output rows `rows` (A's row 0 is `rows.start`) and columns `cols` (starting on a
+/// multiple of `b.column_align()`) of `C (+)= A x B`, then `finish` when given.
+pub struct Gemm<'a> {
+    /// `rows.len()` rows of `b.k` floats, `lda` apart.
+    pub a: *const f32,
+    pub lda: usize,
+    pub rows: Range<usize>,
+    pub b: &'a PackedB,
+    pub cols: Range<usize>,
+    /// The whole output, rows `ldc` apart.
+    pub c: *mut f32,
+    pub ldc: usize,
+    /// Add to C instead of overwriting it.
+    pub accumulate: bool,
+    pub finish: Option<&'a Finish<'a>>,
+}
+
+/// Runs `g` on the kernel its weights were packed for.
 ///
 /// # Safety
-/// `a` must hold `rows.len()` rows of `b.k()` floats at stride `lda`, `c` the whole output at
-/// stride `ldc`, and addend pointers `ldc`-long rows; no one else may touch `c[rows, cols]`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    a: *const f32,
-    lda: usize,
-    rows: std::ops::Range<usize>,
-    b: &PackedB,
-    cols: std::ops::Range<usize>,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    finish: Option<&Finish>,
-) {
-    debug_assert_eq!(cols.start % b.column_align(), 0);
-    match b.kernel {
+/// `g.a`, `g.c` and the addend rows of `g.finish` (`ldc` long) must hold what [`Gemm`] says,
+/// and no one else may touch `c[rows, cols]` meanwhile.
+pub unsafe fn gemm(g: &Gemm) {
+    debug_assert_eq!(g.cols.start % g.b.column_align(), 0);
+    match g.b.kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => avx512::gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
-        _ => portable_gemm(a, lda, rows, b, cols, c, ldc, accumulate, finish),
+        Kernel::Avx512 => avx512::gemm(g),
+        _ => portable_gemm(g),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn portable_gemm(
-    a: *const f32,
-    lda: usize,
-    rows: std::ops::Range<usize>,
-    b: &PackedB,
-    cols: std::ops::Range<usize>,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    finish: Option<&Finish>,
-) {
+unsafe fn portable_gemm(g: &Gemm) {
+    let (rows, cols, b, c, ldc) = (&g.rows, &g.cols, g.b, g.c, g.ldc);
     gemm::gemm(
         rows.len(),
         cols.len(),
@@ -150,10 +146,10 @@ unsafe fn portable_gemm(
         c.add(rows.start * ldc + cols.start),
         1,
         ldc as isize,
-        accumulate,
-        a,
+        g.accumulate,
+        g.a,
         1,
-        lda as isize,
+        g.lda as isize,
         b.data.as_ptr().add(cols.start),
         1,
         b.n as isize,
@@ -164,8 +160,8 @@ unsafe fn portable_gemm(
         false,
         gemm::Parallelism::None,
     );
-    let Some(f) = finish else { return };
-    for r in rows {
+    let Some(f) = g.finish else { return };
+    for r in rows.clone() {
         let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
         if !f.bias.is_empty() {
             add(row, &f.bias[cols.clone()]);
@@ -190,18 +186,18 @@ fn add(dst: &mut [f32], src: &[f32]) {
 mod avx512 {
     use super::*;
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm(
-        a: *const f32,
-        lda: usize,
-        rows: std::ops::Range<usize>,
-        b: &PackedB,
-        cols: std::ops::Range<usize>,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        finish: Option<&Finish>,
-    ) {
+    pub unsafe fn gemm(g: &Gemm) {
+        let Gemm {
+            a,
+            lda,
+            ref rows,
+            b,
+            ref cols,
+            c,
+            ldc,
+            accumulate,
+            finish,
+        } = *g;
         let w = b.width;
         let panels = cols.start / w..cols.end.div_ceil(w);
         for k0 in (0..b.k).step_by(KC) {
@@ -213,7 +209,7 @@ mod avx512 {
             for first in panels.clone().step_by(group) {
                 for r0 in rows.clone().step_by(MR) {
                     let strip = MR.min(rows.end - r0);
-                    let a = a.add((r0 - rows.start) * lda + k0);
+                    let a_strip = a.add((r0 - rows.start) * lda + k0);
                     for p in first..(first + group).min(panels.end) {
                         let col0 = p * w;
                         let mut store = Store {
@@ -226,9 +222,15 @@ mod avx512 {
                         if let (true, Some(f)) = (last_chunk, finish) {
                             store.finish(f, r0, strip, col0);
                         }
-                        let panel = b.panel(p).as_ptr().add(k0 * w);
-                        let c = c.add(r0 * ldc + col0);
-                        dispatch(strip, w, kc, a, lda, panel, c, ldc, &store);
+                        let tile = Tile {
+                            kc,
+                            a: a_strip,
+                            lda,
+                            b: b.panel(p).as_ptr().add(k0 * w),
+                            c: c.add(r0 * ldc + col0),
+                            ldc,
+                        };
+                        dispatch(strip, w, &tile, &store);
                     }
                 }
             }
@@ -258,24 +260,25 @@ mod avx512 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dispatch(
-        strip: usize,
-        panel_width: usize,
+    /// One micro-kernel call's operands: `kc` steps of A's rows (`lda` apart) and of the
+    /// panel chunk `b`, into C at `c` (rows `ldc` apart).
+    #[derive(Clone, Copy)]
+    struct Tile {
         kc: usize,
         a: *const f32,
         lda: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
-        s: &Store,
-    ) {
+    }
+
+    unsafe fn dispatch(strip: usize, panel_width: usize, t: &Tile, s: &Store) {
         macro_rules! call {
             ($($rows:literal)*) => {
                 match (strip, panel_width) {
                     $(
-                        ($rows, 32) => micro::<$rows, 2>(kc, a, lda, b, c, ldc, s),
-                        ($rows, _) => micro::<$rows, 1>(kc, a, lda, b, c, ldc, s),
+                        ($rows, 32) => micro::<$rows, 2>(t, s),
+                        ($rows, _) => micro::<$rows, 1>(t, s),
                     )*
                     _ => unreachable!("strips have 1..=MR rows"),
                 }
@@ -286,15 +289,15 @@ mod avx512 {
 
     /// `ROWS x (16 * NV)` of C from `kc` steps of A (broadcast) times the panel (loaded).
     #[target_feature(enable = "avx512f")]
-    unsafe fn micro<const ROWS: usize, const NV: usize>(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        s: &Store,
-    ) {
+    unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+        let Tile {
+            kc,
+            a,
+            lda,
+            b,
+            c,
+            ldc,
+        } = *t;
         let mut masks = [0u16; NV];
         for (v, m) in masks.iter_mut().enumerate() {
             let real = s.width.saturating_sub(16 * v).min(16);
