@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use crate::model::layers::halved;
+
 /// A batch of feature maps, `data[((n * h + y) * w + x) * c + ch]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Map {
@@ -69,11 +71,6 @@ impl Map {
                 }
             });
     }
-}
-
-/// Output size of a 2x2 / stride-2 ceil-mode pool (the octave low-resolution size).
-pub fn halved(n: usize) -> usize {
-    n.div_ceil(2)
 }
 
 /// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages what it covers
