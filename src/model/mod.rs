@@ -21,8 +21,9 @@ use candle_nn::VarBuilder;
 pub use arch::{Arch, ARCHS};
 pub use cost::{CostReport, FeatureShape};
 
+use fast::FastNet;
 use layers::ConvBn;
-use network::Network;
+use network::{ConvUnit, Network};
 use octconv::OctConvBn;
 use resnet::Dims;
 
@@ -113,17 +114,18 @@ impl Model {
     /// tracking: the inference form. On the CPU in f32 it also compiles the fast path
     /// ([`fast`]), which `forward` then runs.
     pub fn folded(&self) -> Result<Self> {
+        fn fold<U: ConvUnit>(
+            n: &Network<U>,
+            compile: bool,
+        ) -> Result<(Network<U>, Option<FastNet>)> {
+            let folded = n.folded()?;
+            let fast = compile.then(|| folded.fast()).transpose()?;
+            Ok((folded, fast))
+        }
+        let compile = self.compiles();
         let (net, fast) = match &self.net {
-            Net::Vanilla(n) => {
-                let n = n.folded()?;
-                let fast = self.compiles().then(|| n.fast()).transpose()?;
-                (Net::Vanilla(n), fast)
-            }
-            Net::Octave(n) => {
-                let n = n.folded()?;
-                let fast = self.compiles().then(|| n.fast()).transpose()?;
-                (Net::Octave(n), fast)
-            }
+            Net::Vanilla(n) => fold(n, compile).map(|(n, f)| (Net::Vanilla(n), f))?,
+            Net::Octave(n) => fold(n, compile).map(|(n, f)| (Net::Octave(n), f))?,
         };
         Ok(Self {
             config: self.config,
