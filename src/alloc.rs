@@ -3,7 +3,9 @@
 //! Counters are per thread, so the model worker of one variant measures its own forward pass
 //! while other threads allocate freely. Memory freed on another thread than the one that
 //! allocated it is counted where it is freed; the model code keeps its temporaries on the thread
-//! that runs it, so its peak is exact.
+//! that runs it, so its peak is exact. Code can opt out with [`uncounted`] (per-thread scratch
+//! whose size does not depend on the work, which would be charged to whichever measurement
+//! happens to be running on the thread that runs it).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -18,9 +20,13 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
+    static COUNTING: Cell<bool> = const { Cell::new(true) };
 }
 
 fn record(delta: isize) {
+    if !COUNTING.try_with(Cell::get).unwrap_or(false) {
+        return;
+    }
     // `try_with` because allocations also happen while thread-locals are being torn down.
     let _ = LIVE.try_with(|live| {
         let now = live.get() + delta;
@@ -62,12 +68,31 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
 /// Runs `f` and returns its result with the peak bytes it held on this thread above what was
 /// live when it started.
+///
+/// A measurement nested in another on the same thread does not raise the outer one's peak
+/// (only what it leaves allocated counts there): a thread-pool thread waiting for its own tasks
+/// may run another caller's whole measured job in between. Work done for the caller on another
+/// thread is added with [`credit_peak`].
 pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let start = LIVE.with(Cell::get);
-    let saved_peak = PEAK.with(|p| p.replace(start));
+    let outer_peak = PEAK.with(|p| p.replace(start));
     let out = f();
-    let peak = PEAK.with(|p| p.replace(saved_peak.max(p.get())));
+    let live = LIVE.with(Cell::get);
+    let peak = PEAK.with(|p| p.replace(outer_peak.max(live)));
     (out, (peak - start).max(0) as usize)
+}
+
+/// Runs `f` without counting what it allocates or frees on this thread. `f` must free what it
+/// allocates, or keep it for the thread's lifetime (a scratch buffer), so the counts stay whole.
+pub fn uncounted<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COUNTING.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(COUNTING.with(|c| c.replace(false)));
+    f()
 }
 
 /// Counts `bytes`, held at once by work this thread handed to another thread and waited for
@@ -75,4 +100,32 @@ pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
 pub fn credit_peak(bytes: usize) {
     let live = LIVE.with(Cell::get);
     PEAK.with(|p| p.set(p.get().max(live + bytes as isize)));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hint::black_box;
+
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn a_nested_measurement_does_not_raise_the_outer_peak() {
+        let ((), outer) = measure_peak(|| {
+            let held = black_box(vec![0u8; MIB]);
+            let ((), inner) = measure_peak(|| drop(black_box(vec![0u8; 4 * MIB])));
+            assert!(inner >= 4 * MIB, "inner {inner}");
+            drop(held);
+        });
+        assert!((MIB..2 * MIB).contains(&outer), "outer {outer}");
+    }
+
+    #[test]
+    fn uncounted_allocations_stay_out_of_the_peak() {
+        let ((), peak) = measure_peak(|| uncounted(|| drop(black_box(vec![0u8; 4 * MIB]))));
+        assert!(peak < MIB, "peak {peak}");
+        let ((), peak) = measure_peak(|| drop(black_box(vec![0u8; 4 * MIB])));
+        assert!(peak >= 4 * MIB, "counting resumes after: {peak}");
+    }
 }

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::kernel::{self, Finish, Gemm, Kernel, PackedB};
 use super::map::Map;
+use crate::alloc::uncounted;
 
 /// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
 /// the GEMM reads them.
@@ -217,10 +218,14 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     blocks(m, c_out, tile_rows, rayon::current_num_threads(), align)
         .into_par_iter()
         .for_each(|block| {
-            for (i, term) in terms.iter().enumerate() {
-                let last = i + 1 == terms.len();
-                gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
-            }
+            // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile,
+            // whatever the batch: not part of the feature maps a pass holds.
+            uncounted(|| {
+                for (i, term) in terms.iter().enumerate() {
+                    let last = i + 1 == terms.len();
+                    gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
+                }
+            })
         });
     out
 }
