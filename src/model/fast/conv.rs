@@ -38,7 +38,8 @@ pub struct PackedConv {
 impl PackedConv {
     /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped), for this CPU's kernel.
     pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
-        Self::for_kernel(weight, stride, padding, Kernel::detect())
+        let c_out = weight.dim(0)?;
+        Self::for_kernel(weight, stride, padding, Kernel::for_columns(c_out))
     }
 
     fn for_kernel(weight: &Tensor, stride: usize, padding: usize, gemm: Kernel) -> Result<Self> {
@@ -349,7 +350,7 @@ mod tests {
         if is_x86_feature_detected!("avx512f") {
             kernels.push(Kernel::Avx512);
         }
-        for &(c_out, stride) in &[(37, 1), (10, 1), (64, 2)] {
+        for &(c_out, stride) in &[(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (5, 1)] {
             let (n, h, w) = (2, 9, 7);
             let (a, b) = (map(n, h, w, 5, 1), map(n, h, w, 3, 2));
             let (wa, wb) = (values(c_out * 5 * 9, 3), values(c_out * 3, 4));

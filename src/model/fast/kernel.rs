@@ -17,36 +17,44 @@ const KC: usize = 256;
 /// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
 const GROUP_FLOATS: usize = 1 << 16;
 
-/// A `k x n` weight matrix as zero-padded panels of `width` columns,
-/// `data[(panel * k + row) * width + j]`, for the kernel that will read it.
+/// A `k x n` weight matrix as zero-padded panels of `width` columns, for the kernel that will
+/// read it: `data[(panel * k + row) * width + j]`, or with `pairs`, two rows interleaved per
+/// column, `data[(panel * k2 + row / 2) * 2 * width + (j / 8) * 16 + 2 * (j % 8) + row % 2]`
+/// (`k2` = `k` rounded up to even, halved).
 #[derive(Clone, Debug)]
 pub struct PackedB {
     kernel: Kernel,
     k: usize,
     n: usize,
     width: usize,
+    pairs: bool,
     data: Vec<f32>,
 }
 
 impl PackedB {
-    /// From row-major `[k, n]`. For the AVX-512 kernel panels are 32 wide, or 16 for narrow
-    /// outputs (<= 16 columns) so that little of the work multiplies padding; the `gemm` crate
-    /// packs for itself and takes one panel as wide as the matrix.
+    /// From row-major `[k, n]`. For the AVX-512 kernel, panels are 32 wide, or for narrow
+    /// outputs (<= 16 columns) 8 or 16 wide with rows paired, so that one 16-lane register
+    /// holds two steps of K and little of the work multiplies padding; the `gemm` crate packs
+    /// for itself and takes one panel as wide as the matrix.
     pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(weights.len(), k * n);
-        let width = match kernel {
-            Kernel::Avx512 if n <= 16 => 16,
-            Kernel::Avx512 => 32,
-            Kernel::Portable => n,
+        let (width, pairs) = match kernel {
+            Kernel::Avx512 if n <= 8 => (8, true),
+            Kernel::Avx512 if n <= 16 => (16, true),
+            Kernel::Avx512 => (32, false),
+            Kernel::Portable => (n, false),
         };
-        let panels = n.div_ceil(width);
-        let mut data = vec![0f32; panels * k * width];
-        for p in 0..panels {
-            let cols = p * width..(p * width + width).min(n);
-            for row in 0..k {
-                let dst = (p * k + row) * width;
-                data[dst..dst + cols.len()]
-                    .copy_from_slice(&weights[row * n + cols.start..row * n + cols.end]);
+        let panel_len = k.next_multiple_of(2) * width;
+        let mut data = vec![0f32; n.div_ceil(width) * panel_len];
+        for (row, weights) in weights.chunks_exact(n).enumerate() {
+            for (col, &w) in weights.iter().enumerate() {
+                let (panel, j) = (col / width, col % width);
+                let at = if pairs {
+                    (row / 2) * 2 * width + (j / 8) * 16 + 2 * (j % 8) + row % 2
+                } else {
+                    row * width + j
+                };
+                data[panel * panel_len + at] = w;
             }
         }
         Self {
@@ -54,6 +62,7 @@ impl PackedB {
             k,
             n,
             width,
+            pairs,
             data,
         }
     }
@@ -70,8 +79,10 @@ impl PackedB {
         }
     }
 
-    fn panel(&self, p: usize) -> &[f32] {
-        &self.data[p * self.k * self.width..(p + 1) * self.k * self.width]
+    /// Panel `p` from K step `k0` (even when the rows are paired).
+    fn panel_from(&self, p: usize, k0: usize) -> &[f32] {
+        let len = self.k.next_multiple_of(2) * self.width;
+        &self.data[p * len + k0 * self.width..(p + 1) * len]
     }
 }
 
@@ -93,15 +104,22 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The `gemm` crate, unless `OCTSERVE_GEMM=avx512` on a CPU that has AVX-512F: see
-    /// BENCHMARKS.md for why the crate is the default where both run.
-    pub fn detect() -> Self {
+    /// The kernel for a weight matrix of `n` output columns. `OCTSERVE_GEMM=avx512` or `=gemm`
+    /// forces one; by default our micro-kernel takes narrow outputs (<= 32 columns: the octave
+    /// branches, the small nets) where the crate's wider micro-tiles multiply mostly padding,
+    /// and the crate the rest, where it was faster side by side (BENCHMARKS.md).
+    pub fn for_columns(n: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::env::var("OCTSERVE_GEMM").is_ok_and(|v| v == "avx512")
-            && is_x86_feature_detected!("avx512f")
-        {
-            return Kernel::Avx512;
+        if is_x86_feature_detected!("avx512f") {
+            let narrow = n <= 32;
+            return match std::env::var("OCTSERVE_GEMM").as_deref() {
+                Ok("avx512") => Kernel::Avx512,
+                Ok("gemm") => Kernel::Portable,
+                _ if narrow => Kernel::Avx512,
+                _ => Kernel::Portable,
+            };
         }
+        let _ = n;
         Kernel::Portable
     }
 }
@@ -226,11 +244,11 @@ mod avx512 {
                             kc,
                             a: a_strip,
                             lda,
-                            b: b.panel(p).as_ptr().add(k0 * w),
+                            b: b.panel_from(p, k0).as_ptr(),
                             c: c.add(r0 * ldc + col0),
                             ldc,
                         };
-                        dispatch(strip, w, &tile, &store);
+                        dispatch(strip, w, b.pairs, &tile, &store);
                     }
                 }
             }
@@ -272,13 +290,15 @@ mod avx512 {
         ldc: usize,
     }
 
-    unsafe fn dispatch(strip: usize, panel_width: usize, t: &Tile, s: &Store) {
+    unsafe fn dispatch(strip: usize, panel_width: usize, pairs: bool, t: &Tile, s: &Store) {
         macro_rules! call {
             ($($rows:literal)*) => {
-                match (strip, panel_width) {
+                match (strip, panel_width, pairs) {
                     $(
-                        ($rows, 32) => micro::<$rows, 2>(t, s),
-                        ($rows, _) => micro::<$rows, 1>(t, s),
+                        ($rows, 32, _) => micro::<$rows, 2>(t, s),
+                        ($rows, 16, true) => micro_pairs::<$rows, 2>(t, s),
+                        ($rows, 8, true) => micro_pairs::<$rows, 1>(t, s),
+                        ($rows, _, _) => micro::<$rows, 1>(t, s),
                     )*
                     _ => unreachable!("strips have 1..=MR rows"),
                 }
@@ -338,6 +358,74 @@ mod avx512 {
                     *x = _mm512_max_ps(*x, _mm512_setzero_ps());
                 }
                 _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), m, *x);
+            }
+        }
+    }
+
+    /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
+    /// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
+    /// halves are summed when stored.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+        let Tile {
+            kc,
+            a,
+            lda,
+            b,
+            c,
+            ldc,
+        } = *t;
+        let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+        // One paired K step `kp`, with `$a(i)` the A register of row `i`.
+        macro_rules! step {
+            ($kp:expr, $a:expr) => {{
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(b.add(($kp * NV + v) * 16));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = $a(i);
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(av, bv[v], *x);
+                    }
+                }
+            }};
+        }
+        for kp in 0..kc / 2 {
+            step!(kp, |i: usize| {
+                let pair = a.add(i * lda + 2 * kp).cast::<f64>().read_unaligned();
+                _mm512_castpd_ps(_mm512_set1_pd(pair))
+            });
+        }
+        if kc % 2 == 1 {
+            // The last, unpaired step: its partner lanes get 0 (the panel's padding row is 0).
+            step!(kc / 2, |i: usize| {
+                _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a.add(i * lda + kc - 1)))
+            });
+        }
+        let even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let real = s.width.saturating_sub(8 * v).min(8);
+                let m = ((1u32 << real) - 1) as u16;
+                let sum = _mm512_add_ps(x, _mm512_permute_ps::<0b1011_0001>(x));
+                let mut y = _mm512_permutexvar_ps(even_lanes, sum);
+                let at = i * ldc + 8 * v;
+                if s.load_c {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, c.add(at)));
+                }
+                if !s.bias.is_null() {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, s.bias.add(8 * v)));
+                }
+                for addend in s.addends[i] {
+                    if !addend.is_null() {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, addend.add(8 * v)));
+                    }
+                }
+                if s.relu {
+                    y = _mm512_max_ps(y, _mm512_setzero_ps());
+                }
+                _mm512_mask_storeu_ps(c.add(at), m, y);
             }
         }
     }
