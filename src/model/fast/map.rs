@@ -76,10 +76,28 @@ impl Map {
 /// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages what it covers
 /// (as [`crate::model::layers::avg_pool2x2`]).
 pub fn avg_pool2x2(x: &Map) -> Map {
-    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
+    let c = x.c;
+    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), c);
+    let full_windows = if x.h % 2 == 0 { x.w / 2 } else { 0 };
     out.fill_rows(|image, oy, row| {
+        // Whole windows in one pass over the two input rows, four pixels per output pixel.
+        let (whole, cut) = row.split_at_mut(full_windows * c);
+        let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
+        for ((dst, top), bottom) in whole
+            .chunks_exact_mut(c)
+            .zip(pairs(2 * oy))
+            .zip(pairs(2 * oy + 1))
+        {
+            let ((t0, t1), (b0, b1)) = (top.split_at(c), bottom.split_at(c));
+            for ((d, (a, b)), (e, f)) in
+                dst.iter_mut().zip(t0.iter().zip(t1)).zip(b0.iter().zip(b1))
+            {
+                *d = 0.25 * (a + b + e + f);
+            }
+        }
+        // Windows cut by the right or bottom border: the mean of the cells they cover.
         let ys = 2 * oy..(2 * oy + 2).min(x.h);
-        for (ox, dst) in row.chunks_exact_mut(x.c).enumerate() {
+        for (ox, dst) in (whole.len() / c.max(1)..).zip(cut.chunks_exact_mut(c)) {
             let xs = 2 * ox..(2 * ox + 2).min(x.w);
             let scale = 1.0 / (ys.len() * xs.len()) as f32;
             for y in ys.clone() {
@@ -151,6 +169,17 @@ mod tests {
     fn avg_pool_averages_only_covered_cells_on_odd_sizes() {
         let x = ramp(1, 3, 3, 2);
         let p = avg_pool2x2(&x);
+        // Even sizes take the whole-window pass: every output the mean of its four cells.
+        let even = ramp(2, 4, 6, 3);
+        let q = avg_pool2x2(&even);
+        for (image, y, xx, ch) in [(0, 0, 0, 0), (1, 1, 2, 2), (1, 0, 1, 1)] {
+            let cells = [(0, 0), (0, 1), (1, 0), (1, 1)];
+            let sum: f32 = cells
+                .iter()
+                .map(|&(dy, dx)| even.pixel(image, 2 * y + dy, 2 * xx + dx)[ch])
+                .sum();
+            assert_eq!(q.pixel(image, y, xx)[ch], sum / 4.);
+        }
         assert_eq!((p.h, p.w), (2, 2));
         let mean = |cells: &[(usize, usize)], ch: usize| {
             cells
