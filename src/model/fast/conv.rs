@@ -195,21 +195,30 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
         );
         assert_eq!(t.input.c, t.conv.c_in, "input channels");
     }
-    let mut out = Map::zeros(n, ho, wo, c_out);
-    let m = out.pixels();
+    let m = n * ho * wo;
+    let mut data: Vec<f32> = Vec::with_capacity(m * c_out);
     let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
     let tile_rows = (TILE_FLOATS / depth).clamp(32, 512);
     let align = first.conv.weights.column_align();
-    let dst = OutPtr(out.data.as_mut_ptr());
-    let addends = |r: usize| {
-        let residual = epilogue
-            .residual
-            .map_or(std::ptr::null(), |res| res.data[r * c_out..].as_ptr());
-        let upsampled = epilogue.upsampled.map_or(std::ptr::null(), |low| {
-            let (image, y, x) = (r / (ho * wo), r / wo % ho, r % wo);
-            low.data[((image * low.h + y / 2) * low.w + x / 2) * c_out..].as_ptr()
-        });
-        [residual, upsampled]
+    let dst = OutPtr(data.as_mut_ptr());
+    let addends = |first: usize, rows: &mut [[*const f32; 2]]| {
+        let (mut image, mut y, mut x) = (first / (ho * wo), first / wo % ho, first % wo);
+        for (r, row) in (first..).zip(rows) {
+            let residual = epilogue
+                .residual
+                .map_or(std::ptr::null(), |res| res.data[r * c_out..].as_ptr());
+            let upsampled = epilogue.upsampled.map_or(std::ptr::null(), |low| {
+                low.data[((image * low.h + y / 2) * low.w + x / 2) * c_out..].as_ptr()
+            });
+            *row = [residual, upsampled];
+            x += 1;
+            if x == wo {
+                (x, y) = (0, y + 1);
+                if y == ho {
+                    (y, image) = (0, image + 1);
+                }
+            }
+        }
     };
     let finish = Finish {
         bias: epilogue.bias,
@@ -228,7 +237,16 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
                 }
             })
         });
-    out
+    // SAFETY: the blocks cover the output once and each one's first term stores every value
+    // without reading it, so no value is read before it is written and all are written.
+    unsafe { data.set_len(m * c_out) };
+    Map {
+        n,
+        h: ho,
+        w: wo,
+        c: c_out,
+        data,
+    }
 }
 
 /// `dst[block] (+)= patches(term.input)[rows] x weight[.., cols]`, then `finish`.

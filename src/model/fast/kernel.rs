@@ -86,11 +86,13 @@ impl PackedB {
     }
 }
 
-/// What the store adds: per-column bias, and per-row addend rows (pointers to the row's
-/// column 0, `null` for none), then ReLU.
+/// What the store adds: per-column bias, and per-row addend rows, then ReLU.
 pub struct Finish<'a> {
     pub bias: &'a [f32],
-    pub addends: &'a (dyn Fn(usize) -> [*const f32; 2] + Sync),
+    /// `addends(first, rows)` fills the addend rows of output rows `first..first + rows.len()`
+    /// (pointers to the row's column 0, `null` for none); a strip at a time, so the caller
+    /// locates the first row and steps from there.
+    pub addends: &'a (dyn Fn(usize, &mut [[*const f32; 2]]) + Sync),
     pub relu: bool,
 }
 
@@ -184,7 +186,9 @@ unsafe fn portable_gemm(g: &Gemm) {
         if !f.bias.is_empty() {
             add(row, &f.bias[cols.clone()]);
         }
-        for addend in (f.addends)(r).into_iter().filter(|p| !p.is_null()) {
+        let mut addends = [[std::ptr::null(); 2]];
+        (f.addends)(r, &mut addends);
+        for addend in addends[0].into_iter().filter(|p| !p.is_null()) {
             add(
                 row,
                 std::slice::from_raw_parts(addend.add(cols.start), cols.len()),
@@ -271,8 +275,10 @@ mod avx512 {
             if !f.bias.is_empty() {
                 self.bias = f.bias.as_ptr().add(col0);
             }
-            for (i, row) in self.addends.iter_mut().take(strip).enumerate() {
-                *row = (f.addends)(r0 + i).map(|p| if p.is_null() { p } else { p.add(col0) });
+            let rows = &mut self.addends[..strip];
+            (f.addends)(r0, rows);
+            for p in rows.iter_mut().flatten().filter(|p| !p.is_null()) {
+                *p = p.add(col0);
             }
             self.relu = f.relu;
         }

@@ -78,10 +78,10 @@ impl Map {
 pub fn avg_pool2x2(x: &Map) -> Map {
     let c = x.c;
     let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), c);
-    let full_windows = if x.h % 2 == 0 { x.w / 2 } else { 0 };
     out.fill_rows(|image, oy, row| {
         // Whole windows in one pass over the two input rows, four pixels per output pixel.
-        let (whole, cut) = row.split_at_mut(full_windows * c);
+        let whole_windows = if 2 * oy + 1 < x.h { x.w / 2 } else { 0 };
+        let (whole, cut) = row.split_at_mut(whole_windows * c);
         let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
         for ((dst, top), bottom) in whole
             .chunks_exact_mut(c)
