@@ -39,7 +39,15 @@ impl PackedConv {
     /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped), for this CPU's kernel.
     pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
         let c_out = weight.dim(0)?;
-        Self::for_kernel(weight, stride, padding, Kernel::for_columns(c_out))
+        Self::for_kernel(weight, stride, padding, Kernel::choose(c_out, false))
+    }
+
+    /// A classifier's `[classes, features]` weight as a 1x1 convolution over the pooled
+    /// `[n, 1, 1, features]` map.
+    pub fn linear(weight: &Tensor) -> Result<Self> {
+        let classes = weight.dim(0)?;
+        let as_conv = weight.unsqueeze(2)?.unsqueeze(3)?;
+        Self::for_kernel(&as_conv, 1, 0, Kernel::choose(classes, true))
     }
 
     fn for_kernel(weight: &Tensor, stride: usize, padding: usize, gemm: Kernel) -> Result<Self> {

@@ -106,22 +106,23 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel for a weight matrix of `n` output columns. `OCTSERVE_GEMM=avx512` or `=gemm`
-    /// forces one; by default our micro-kernel takes narrow outputs (<= 32 columns: the octave
-    /// branches, the small nets) where the crate's wider micro-tiles multiply mostly padding,
-    /// and the crate the rest, where it was faster side by side (BENCHMARKS.md).
-    pub fn for_columns(n: usize) -> Self {
+    /// The kernel for a weight matrix of `columns` outputs, multiplied by `few_rows` (the
+    /// classifier's batch) or by a map's pixels. `OCTSERVE_GEMM=avx512` or `=gemm` forces one;
+    /// by default our micro-kernel takes narrow outputs (<= 32 columns: the octave branches, the
+    /// small nets), where the crate's wider micro-tiles multiply mostly padding, and the
+    /// classifier, whose large matrix the crate would re-pack on every call for a few rows; the
+    /// crate the rest, where it was faster side by side (BENCHMARKS.md).
+    pub fn choose(columns: usize, few_rows: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") {
-            let narrow = n <= 32;
             return match std::env::var("OCTSERVE_GEMM").as_deref() {
                 Ok("avx512") => Kernel::Avx512,
                 Ok("gemm") => Kernel::Portable,
-                _ if narrow => Kernel::Avx512,
+                _ if columns <= 32 || few_rows => Kernel::Avx512,
                 _ => Kernel::Portable,
             };
         }
-        let _ = n;
+        let _ = (columns, few_rows);
         Kernel::Portable
     }
 }

@@ -1,7 +1,7 @@
 //! One BatchNorm-folded conv unit of either network on the fast path: a vanilla conv is the
 //! octave case with only the H->H convolution.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 
 use super::conv::{conv_sum, Epilogue, PackedConv, Term};
 use super::map::{avg_pool2x2, Map};
@@ -142,9 +142,4 @@ fn packed(conv: &Conv2d) -> Result<PackedConv> {
         candle_core::bail!("fast path: grouped convolutions are not supported");
     }
     PackedConv::new(conv.weight(), conv.stride(), conv.padding())
-}
-
-/// The classifier as a 1x1 convolution over the pooled `[n, 1, 1, features]` map.
-pub fn packed_linear(weight: &Tensor) -> Result<PackedConv> {
-    PackedConv::new(&weight.unsqueeze(2)?.unsqueeze(3)?, 1, 0)
 }

@@ -28,7 +28,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::alloc::{credit_peak, measure_peak};
 use conv::{conv_sum, Epilogue, PackedConv, Term};
-use layer::{packed_linear, FastLayer, OctMap};
+use layer::{FastLayer, OctMap};
 use map::{global_avg_pool, max_pool3x3s2p1, Map};
 
 /// A residual block: `relu(last(...first(x)) + shortcut(x))`.
@@ -63,7 +63,7 @@ impl FastNet {
             stem,
             stem_pool,
             blocks,
-            fc: packed_linear(fc_weight)?,
+            fc: PackedConv::linear(fc_weight)?,
             fc_bias: fc_bias
                 .map(|b| b.to_vec1())
                 .transpose()?
