@@ -316,3 +316,31 @@ fn octave_layer_reproduces_table1_of_the_paper() {
         assert_eq!((100. * mem / mem0).round(), memory, "alpha {alpha} memory");
     }
 }
+
+/// The fast path frees each map after its last reader and keeps its scratch per thread, so the
+/// peak bytes one pass really allocates (the counting allocator, as `bench` and the server
+/// report them) are the analytic walk's peak of feature maps, and the octave net keeps at least
+/// the savings the walk predicts.
+#[test]
+fn the_fast_paths_measured_peak_is_the_analytic_one() {
+    let (h, w) = (96, 96);
+    let peaks = ["resnet26", "oct-resnet26"].map(|name| {
+        let model = random_model(name, 0.5, 3);
+        let analytic = model.cost(h, w).peak_activation_bytes;
+        let folded = model.folded().unwrap();
+        let x = Tensor::randn(0f32, 1., (1, 3, h, w), &Device::Cpu).unwrap();
+        let (_, measured) = octserve::alloc::measure_peak(|| folded.forward(&x).unwrap());
+        assert!(
+            measured as f64 <= analytic as f64 * 1.02,
+            "{name}: measured peak {measured} B over the analytic {analytic} B"
+        );
+        (measured as f64, analytic as f64)
+    });
+    let [(vanilla, vanilla_walk), (octave, octave_walk)] = peaks;
+    assert!(
+        octave / vanilla <= octave_walk / vanilla_walk + 0.01,
+        "octave/vanilla measured {:.3} vs analytic {:.3}",
+        octave / vanilla,
+        octave_walk / vanilla_walk
+    );
+}
