@@ -76,23 +76,31 @@ unsafe impl GlobalAlloc for CountingAlloc {
 pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let start = LIVE.with(Cell::get);
     let outer_peak = PEAK.with(|p| p.replace(start));
-    let out = f();
+    // Counted even when a pool thread picks the job up inside an uncounted section.
+    let out = with_counting(true, f);
     let live = LIVE.with(Cell::get);
     let peak = PEAK.with(|p| p.replace(outer_peak.max(live)));
     (out, (peak - start).max(0) as usize)
 }
 
-/// Runs `f` without counting what it allocates or frees on this thread. `f` must free what it
-/// allocates, or keep it for the thread's lifetime (a scratch buffer), so the counts stay whole.
-pub fn uncounted<R>(f: impl FnOnce() -> R) -> R {
+/// Runs `f` with counting on or off as `on`, then restores the thread's setting.
+fn with_counting<R>(on: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             COUNTING.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(COUNTING.with(|c| c.replace(false)));
+    let _restore = Restore(COUNTING.with(|c| c.replace(on)));
     f()
+}
+
+/// Runs `f` without counting what it allocates or frees on this thread. `f` must free what it
+/// allocates, or keep it for the thread's lifetime (a scratch buffer), so the counts stay whole;
+/// a thread pool's parallel section fits, since a thread waiting in it may run other callers'
+/// jobs, which are not the caller's to count (measured jobs among them count for themselves).
+pub fn uncounted<R>(f: impl FnOnce() -> R) -> R {
+    with_counting(false, f)
 }
 
 /// Counts `bytes`, held at once by work this thread handed to another thread and waited for
@@ -127,5 +135,8 @@ mod tests {
         assert!(peak < MIB, "peak {peak}");
         let ((), peak) = measure_peak(|| drop(black_box(vec![0u8; 4 * MIB])));
         assert!(peak >= 4 * MIB, "counting resumes after: {peak}");
+        // A measured job a pool thread runs while waiting in an uncounted section counts.
+        let ((), peak) = uncounted(|| measure_peak(|| drop(black_box(vec![0u8; 4 * MIB]))));
+        assert!(peak >= 4 * MIB, "measured inside uncounted: {peak}");
     }
 }

@@ -233,18 +233,19 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
         addends: &addends,
         relu: epilogue.relu,
     };
-    blocks(m, c_out, tile_rows, rayon::current_num_threads(), align)
-        .into_par_iter()
-        .for_each(|block| {
-            // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile,
-            // whatever the batch: not part of the feature maps a pass holds.
-            uncounted(|| {
+    // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile, whatever
+    // the batch, and a thread waiting here may run other callers' work: none of it is part of
+    // the feature maps this pass holds (see `crate::alloc`).
+    uncounted(|| {
+        blocks(m, c_out, tile_rows, rayon::current_num_threads(), align)
+            .into_par_iter()
+            .for_each(|block| {
                 for (i, term) in terms.iter().enumerate() {
                     let last = i + 1 == terms.len();
                     gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
                 }
             })
-        });
+    });
     // SAFETY: the blocks cover the output once and each one's first term stores every value
     // without reading it, so no value is read before it is written and all are written.
     unsafe { data.set_len(m * c_out) };

@@ -372,21 +372,28 @@ mod avx512 {
         }
         for (i, row) in acc.iter_mut().enumerate() {
             for (v, x) in row.iter_mut().enumerate() {
-                let m = masks[v];
-                if !s.bias.is_null() {
-                    *x = _mm512_add_ps(*x, _mm512_maskz_loadu_ps(m, s.bias.add(16 * v)));
-                }
-                for addend in s.addends[i] {
-                    if !addend.is_null() {
-                        *x = _mm512_add_ps(*x, _mm512_maskz_loadu_ps(m, addend.add(16 * v)));
-                    }
-                }
-                if s.relu {
-                    *x = _mm512_max_ps(*x, _mm512_setzero_ps());
-                }
-                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), m, *x);
+                store(*x, masks[v], s, i, 16 * v, c.add(i * ldc + 16 * v));
             }
         }
+    }
+
+    /// Stores `y`, columns `col..` of strip row `i` in lanes `m`, at `dst` after the store's
+    /// epilogue (bias, the row's addends, ReLU).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store(mut y: __m512, m: u16, s: &Store, i: usize, col: usize, dst: *mut f32) {
+        if !s.bias.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, s.bias.add(col)));
+        }
+        for addend in s.addends[i] {
+            if !addend.is_null() {
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, addend.add(col)));
+            }
+        }
+        if s.relu {
+            y = _mm512_max_ps(y, _mm512_setzero_ps());
+        }
+        _mm512_mask_storeu_ps(dst, m, y);
     }
 
     /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
@@ -437,22 +444,11 @@ mod avx512 {
                 let m = ((1u32 << real) - 1) as u16;
                 let sum = _mm512_add_ps(x, _mm512_permute_ps::<0b1011_0001>(x));
                 let mut y = _mm512_permutexvar_ps(even_lanes, sum);
-                let at = i * ldc + 8 * v;
+                let dst = c.add(i * ldc + 8 * v);
                 if s.load_c {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, c.add(at)));
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, dst));
                 }
-                if !s.bias.is_null() {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, s.bias.add(8 * v)));
-                }
-                for addend in s.addends[i] {
-                    if !addend.is_null() {
-                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, addend.add(8 * v)));
-                    }
-                }
-                if s.relu {
-                    y = _mm512_max_ps(y, _mm512_setzero_ps());
-                }
-                _mm512_mask_storeu_ps(c.add(at), m, y);
+                store(y, m, s, i, 8 * v, dst);
             }
         }
     }

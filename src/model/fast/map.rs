@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::uncounted;
 use crate::model::layers::halved;
 
 /// A batch of feature maps, `data[((n * h + y) * w + x) * c + ch]`.
@@ -61,15 +62,18 @@ impl Map {
         }
         let rows_per_task = PAR_MIN_FLOATS.div_ceil(row_len);
         let h = self.h;
-        self.data
-            .par_chunks_mut(row_len * rows_per_task)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
-                    let r = task * rows_per_task + i;
-                    fill(r / h, r % h, row);
-                }
-            });
+        // A thread waiting here may run other callers' work: not this pass's (`crate::alloc`).
+        uncounted(|| {
+            self.data
+                .par_chunks_mut(row_len * rows_per_task)
+                .enumerate()
+                .for_each(|(task, chunk)| {
+                    for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+                        let r = task * rows_per_task + i;
+                        fill(r / h, r % h, row);
+                    }
+                })
+        });
     }
 }
 

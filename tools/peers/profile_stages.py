@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Sums two `octserve bench --profile --json` runs by ResNet stage, side by side.
+
+    octserve bench --arch resnet50 --batch-size 1 --iters 10 --profile --json > vanilla.json
+    octserve bench --arch oct-resnet50 --batch-size 1 --iters 10 --profile --json > octave.json
+    python3 tools/peers/profile_stages.py vanilla.json octave.json
+
+Layer names are PyTorch module paths: `layer3.2.conv1` belongs to `layer3`; the stem is `conv1`
+and `maxpool`. Prints one markdown table: time, GFLOP/s, and the octave/vanilla ratios of time
+and of MACs per stage.
+"""
+import json
+import sys
+from collections import OrderedDict
+
+
+def stages(path):
+    report = json.load(open(path))
+    sums = OrderedDict()
+    for layer in report["layers"]:
+        name = layer["name"].split(".")[0]
+        stage = "stem" if name in ("conv1", "maxpool") else name
+        ms, macs = sums.get(stage, (0.0, 0))
+        sums[stage] = (ms + layer["ms"], macs + layer["macs"])
+    return report, sums
+
+
+def gflops(ms, macs):
+    return 2 * macs / (ms * 1e6) if ms else 0.0
+
+
+def total(sums):
+    return sum(ms for ms, _ in sums.values())
+
+
+def main():
+    (vanilla, v), (octave, o) = stages(sys.argv[1]), stages(sys.argv[2])
+    print(f"batch {vanilla['batch_size']}: total (sum of layer medians) "
+          f"{vanilla['arch']} {total(v):.1f} ms, {octave['arch']} {total(o):.1f} ms")
+    print("| stage | vanilla ms | vanilla GFLOP/s | octave ms | octave GFLOP/s "
+          "| octave/vanilla time | octave/vanilla MACs |")
+    print("|---|---|---|---|---|---|---|")
+    for stage, (vms, vmacs) in v.items():
+        oms, omacs = o.get(stage, (0.0, 0))
+        print(f"| {stage} | {vms:.2f} | {gflops(vms, vmacs):.0f} | {oms:.2f} "
+              f"| {gflops(oms, omacs):.0f} | {oms / vms:.2f} | {omacs / max(vmacs, 1):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
