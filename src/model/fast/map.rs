@@ -101,7 +101,7 @@ pub fn avg_pool2x2(x: &Map) -> Map {
         }
         // Windows cut by the right or bottom border: the mean of the cells they cover.
         let ys = 2 * oy..(2 * oy + 2).min(x.h);
-        for (ox, dst) in (whole.len() / c.max(1)..).zip(cut.chunks_exact_mut(c)) {
+        for (ox, dst) in (whole_windows..).zip(cut.chunks_exact_mut(c)) {
             let xs = 2 * ox..(2 * ox + 2).min(x.w);
             let scale = 1.0 / (ys.len() * xs.len()) as f32;
             for y in ys.clone() {
