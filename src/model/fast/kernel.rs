@@ -44,7 +44,7 @@ impl PackedB {
             Kernel::Avx512 => (32, false),
             Kernel::Portable => (n, false),
         };
-        let panel_len = k.next_multiple_of(2) * width;
+        let panel_len = panel_len(k, width);
         let mut data = vec![0f32; n.div_ceil(width) * panel_len];
         for (row, weights) in weights.chunks_exact(n).enumerate() {
             for (col, &w) in weights.iter().enumerate() {
@@ -81,9 +81,14 @@ impl PackedB {
 
     /// Panel `p` from K step `k0` (even when the rows are paired).
     fn panel_from(&self, p: usize, k0: usize) -> &[f32] {
-        let len = self.k.next_multiple_of(2) * self.width;
+        let len = panel_len(self.k, self.width);
         &self.data[p * len + k0 * self.width..(p + 1) * len]
     }
+}
+
+/// Floats per panel: `k` rows of `width`, padded to an even count for paired panels.
+fn panel_len(k: usize, width: usize) -> usize {
+    k.next_multiple_of(2) * width
 }
 
 /// What the store adds: per-column bias, and per-row addend rows, then ReLU.
