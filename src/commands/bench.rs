@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use serde::Serialize;
 
@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Also time every layer (fast CPU path only) and print where the time goes.
     #[arg(long)]
     pub profile: bool,
+    /// Also compare the logits with the plain candle network (BatchNorm unfolded) on the CPU in
+    /// f32, on the same weights and input: the check that a device or the fast path is right.
+    #[arg(long)]
+    pub parity: bool,
 }
 
 #[derive(Serialize)]
@@ -57,6 +61,45 @@ struct BenchReport {
     /// With `--profile`: per layer, median over the iterations.
     #[serde(skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<LayerProfile>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parity: Option<Parity>,
+}
+
+/// `--parity`: the benchmarked model's logits against the CPU f32 reference.
+#[derive(Serialize)]
+struct Parity {
+    max_abs_diff: f64,
+    /// The largest reference logit magnitude, for scale.
+    max_abs_logit: f64,
+    /// Images whose top-1 class is the reference's.
+    top1_equal: usize,
+    images: usize,
+}
+
+impl Parity {
+    fn measure(reference: &Model, model: &Model, input: &Tensor) -> anyhow::Result<Self> {
+        let logits = |model: &Model, x: &Tensor| -> anyhow::Result<Vec<Vec<f32>>> {
+            Ok(model.forward(x)?.to_dtype(DType::F32)?.to_vec2()?)
+        };
+        let expected = logits(
+            reference,
+            &input.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+        )?;
+        let got = logits(model, input)?;
+        let argmax = |row: &[f32]| (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+        let rows = || expected.iter().zip(&got);
+        let diffs = rows().flat_map(|(e, g)| e.iter().zip(g).map(|(e, g)| (e - g).abs()));
+        Ok(Self {
+            max_abs_diff: diffs.fold(0f32, f32::max).into(),
+            max_abs_logit: expected
+                .iter()
+                .flatten()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .into(),
+            top1_equal: rows().filter(|(e, g)| argmax(e) == argmax(g)).count(),
+            images: expected.len(),
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -109,11 +152,26 @@ fn profile_layers(
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let vb = args.weights.var_builder(args.dtype, &device)?;
-    let model = Model::new(args.model.config(), vb)?.folded()?;
+    let config = args.model.config();
+    let (reference, model) = if args.parity {
+        let (reference, model) = args
+            .weights
+            .build_twins(args.dtype, &device, |vb| Model::new(config, vb))?;
+        (Some(reference), model)
+    } else {
+        let vb = args.weights.var_builder(args.dtype, &device)?;
+        (None, Model::new(config, vb)?)
+    };
+    let model = model.folded()?;
     let size = args.model.input_size;
     let shape = (args.batch_size, args.model.in_channels, size, size);
-    let input = Tensor::randn(0f32, 1., shape, &device)?.to_dtype(args.dtype)?;
+    // Drawn on the CPU (so a parity reference can see the same numbers), uploaded once.
+    let input = Tensor::randn(0f32, 1., shape, &Device::Cpu)?
+        .to_device(&device)?
+        .to_dtype(args.dtype)?;
+    let parity = reference
+        .map(|reference| Parity::measure(&reference, &model, &input))
+        .transpose()?;
 
     // Each pass ends by copying the logits back, which waits for an asynchronous device.
     let forward = || {
@@ -161,6 +219,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         images_per_sec: args.batch_size as f64 / (p50 / 1e3),
         peak_bytes,
         layers,
+        parity,
     };
     if args.json {
         print_json(&report)
@@ -170,6 +229,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             report.arch, report.alpha, report.batch_size, report.threads, report.latency_ms_p50,
             report.latency_ms_p90, report.images_per_sec, report.peak_bytes as f64 / 1e6
         );
+        if let Some(p) = &report.parity {
+            println!(
+                "parity with the CPU f32 candle network: max |diff| {:.3e} (logits up to {:.3}), top-1 equal on {}/{} images",
+                p.max_abs_diff, p.max_abs_logit, p.top1_equal, p.images
+            );
+        }
         if let Some(layers) = &report.layers {
             let total: f64 = layers.iter().map(|l| l.ms).sum();
             println!(

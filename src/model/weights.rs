@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Result};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 /// A parameter source, as given by `--weights FILE|random`.
@@ -32,6 +34,36 @@ impl WeightSource {
         match self {
             Self::File(path) => mmap_safetensors(path, dtype, device),
             Self::Random => Ok(VarBuilder::from_varmap(&VarMap::new(), dtype, device)),
+        }
+    }
+
+    /// Two copies of one model over the same parameters: a reference on the CPU in f32, and one
+    /// on `device` in `dtype`. Random parameters are drawn once, on the CPU, so the two agree
+    /// (each device's random generator would draw different ones).
+    pub fn build_twins<T>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        build: impl Fn(VarBuilder) -> Result<T>,
+    ) -> Result<(T, T)> {
+        match self {
+            Self::File(path) => Ok((
+                build(mmap_safetensors(path, DType::F32, &Device::Cpu)?)?,
+                build(mmap_safetensors(path, dtype, device)?)?,
+            )),
+            Self::Random => {
+                let params = VarMap::new();
+                let reference = build(VarBuilder::from_varmap(&params, DType::F32, &Device::Cpu))?;
+                let drawn: HashMap<String, Tensor> = params
+                    .data()
+                    .lock()
+                    .expect("a VarMap's lock is only poisoned by a panic while building")
+                    .iter()
+                    .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+                    .collect();
+                let twin = build(VarBuilder::from_tensors(drawn, dtype, device))?;
+                Ok((reference, twin))
+            }
         }
     }
 }

@@ -102,8 +102,44 @@ say "smoke test"
 SMOKE="$(run timeout "$PER_CMD_TIMEOUT" "$BIN" inspect --arch oct-resnet50 --alpha 0.5 --json)"
 if (( ${#SMOKE} > 160 )); then echo "${SMOKE:0:160}..."; else echo "$SMOKE"; fi
 
-# --- 3. octserve bench ------------------------------------------------------------------------
 BENCH_HELP="$("$BIN" bench --help 2>&1 || true)"
+
+# --- 3. Parity: the GPU's logits vs the plain candle network on the CPU -------------------------
+# Same weights (drawn once on the CPU) and input; f32 must give the same top-1 and logits within
+# 1e-3 (absolute, and also reported relative to the largest logit); f16 is reported, not judged.
+say "parity: cuda vs the CPU f32 reference"
+if grep -q -- '--parity' <<< "$BENCH_HELP"; then
+    for spec in "resnet50" "oct-resnet50 --alpha 0.5"; do
+        for dt in f32 f16; do
+            # shellcheck disable=SC2086  # $spec is deliberately split into arguments
+            if [[ $DRY == 1 ]]; then
+                run "$BIN" bench --arch $spec --batch-size 8 --iters 1 --device cuda --dtype "$dt" \
+                    --parity --json "| tag parity cuda >> $RESULTS"
+                continue
+            fi
+            LINE="$(run timeout "$PER_CMD_TIMEOUT" "$BIN" bench --arch $spec --batch-size 8 \
+                --iters 1 --device cuda --dtype "$dt" --parity --json | tag parity cuda)" \
+                || { say "FAILED: parity $spec $dt"; FAILS=$((FAILS + 1)); continue; }
+            echo "$LINE"
+            if ! python3 -c '
+import json, sys
+p = json.loads(sys.argv[1])["parity"]
+diff, top1, n = p["max_abs_diff"], p["top1_equal"], p["images"]
+rel = diff / max(1.0, p["max_abs_logit"])
+ok = top1 == n and diff <= 1e-3
+verdict = "PASS" if ok else ("FAIL" if sys.argv[2] == "f32" else "reported (f16 is not judged)")
+print(f"   max |diff| {diff:.3e} (relative {rel:.2e}), top-1 {top1}/{n}: {verdict}")
+sys.exit(0 if ok or sys.argv[2] != "f32" else 1)
+' "$LINE" "$dt"; then
+                say "FAILED: parity $spec $dt"; FAILS=$((FAILS + 1))
+            fi
+        done
+    done
+else
+    say "TODO: this binary's 'octserve bench' has no --parity flag (builds before it): parity skipped"
+fi
+
+# --- 4. octserve bench ------------------------------------------------------------------------
 if grep -q -- '--device' <<< "$BENCH_HELP"; then
     DEVICE_ARGS=(--device cuda); DEV=cuda
 else
@@ -133,7 +169,7 @@ for spec in "resnet50" "oct-resnet50 --alpha 0.5"; do
     done
 done
 
-# --- 4. PyTorch peer on the same GPU ------------------------------------------------------------
+# --- 5. PyTorch peer on the same GPU ------------------------------------------------------------
 # Same nets (tools/reference/octnets.py: torchvision resnet50 and d-li14's oct-resnet50), eval
 # mode, cudnn.benchmark, f32 and f16, median of $ITERS timed iterations after warm-up, each
 # iteration bracketed by torch.cuda.synchronize(). PEER_DEVICE / PEER_SIZE exist for a CPU smoke run.
