@@ -90,6 +90,22 @@ impl PackedConv {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// A larger stride-1 kernel on our micro-kernel reads its taps in place from zero-bordered
+    /// copies of the input lines (see [`tap_block`]) instead of building patch rows. Paired
+    /// panels need each tap's channels in whole pairs.
+    fn reads_taps(&self) -> bool {
+        self.kernel > 1 && self.stride == 1 && self.weights.takes_taps(self.c_in)
+    }
+
+    /// Where tap `(ky, kx)` of output pixel 0 starts in a band of input lines `padded_width`
+    /// wide: the A offsets of a tap-reading GEMM.
+    fn tap_offsets(&self, padded_width: usize) -> Vec<usize> {
+        let k = self.kernel;
+        (0..k * k)
+            .map(|t| ((t / k) * padded_width + t % k) * self.c_in)
+            .collect()
+    }
+
     /// Writes the patch rows of output pixels `rows` (flat `n * ho * wo` indices) into `dst`.
     fn patches(&self, x: &Map, rows: Range<usize>, dst: &mut [f32]) {
         let (k, c) = (self.kernel, self.c_in);
@@ -269,15 +285,16 @@ fn gemm_block(
 ) {
     let conv = term.conv;
     let depth = conv.depth();
-    let run = |lhs: *const f32| {
-        // SAFETY: lhs holds the block's rows of `depth` floats, the output buffer holds
+    let run = |a: *const f32, lda: usize, taps: Option<&[usize]>, rows: Range<usize>| {
+        // SAFETY: `a` holds the rows' A as `lda` and `taps` say, the output buffer holds
         // `m x ld_dst`, residual and upsampled rows are `ld_dst` long (checked shapes), and the
         // tasks' blocks are disjoint.
         unsafe {
             kernel::gemm(&Gemm {
-                a: lhs,
-                lda: depth,
-                rows: block.rows.clone(),
+                a,
+                lda,
+                taps,
+                rows,
                 b: &conv.weights,
                 cols: block.cols.clone(),
                 c: dst.0,
@@ -288,17 +305,67 @@ fn gemm_block(
         }
     };
     if conv.reads_input_directly() {
-        run(term.input.data[block.rows.start * depth..].as_ptr());
-        return;
+        let a = term.input.data[block.rows.start * depth..].as_ptr();
+        return run(a, depth, None, block.rows.clone());
     }
-    PATCHES.with_borrow_mut(|patches| {
-        let len = block.rows.len() * depth;
-        if patches.len() < len {
-            patches.resize(len, 0.);
+    PATCHES.with_borrow_mut(|scratch| {
+        if conv.reads_taps() {
+            return tap_block(conv, term.input, block.rows.clone(), scratch, run);
         }
-        conv.patches(term.input, block.rows.clone(), &mut patches[..len]);
-        run(patches.as_ptr());
+        let len = block.rows.len() * depth;
+        if scratch.len() < len {
+            scratch.resize(len, 0.);
+        }
+        conv.patches(term.input, block.rows.clone(), &mut scratch[..len]);
+        run(scratch.as_ptr(), depth, None, block.rows.clone());
     });
+}
+
+/// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
+/// are copied once, with zero borders, into `band`, where tap `(ky, kx)` of every output pixel
+/// of a line is the same pointer step away; `run(a, lda, taps, rows)` multiplies line by line.
+/// One copy of the input instead of `k * k`.
+fn tap_block(
+    conv: &PackedConv,
+    x: &Map,
+    rows: Range<usize>,
+    band: &mut Vec<f32>,
+    run: impl Fn(*const f32, usize, Option<&[usize]>, Range<usize>),
+) {
+    let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
+    let (ho, wo) = (conv.out_len(x.h), conv.out_len(x.w));
+    let line_len = (x.w + 2 * pad) * c;
+    let taps = conv.tap_offsets(x.w + 2 * pad);
+    let mut r = rows.start;
+    while r < rows.end {
+        // The output lines of one image in the block, and the input lines they read.
+        let image = r / (ho * wo);
+        let end = rows.end.min((image + 1) * ho * wo);
+        let lines = r / wo % ho..(end - 1) / wo % ho + 1;
+        let band_lines = lines.len() + k - 1;
+        if band.len() < band_lines * line_len {
+            band.resize(band_lines * line_len, 0.);
+        }
+        for (j, dst) in band.chunks_exact_mut(line_len).take(band_lines).enumerate() {
+            let y = (lines.start + j) as isize - pad as isize;
+            if y < 0 || y >= x.h as isize {
+                dst.fill(0.);
+                continue;
+            }
+            let (border, inner) = (pad * c, x.w * c);
+            let src = (image * x.h + y as usize) * inner;
+            dst[..border].fill(0.);
+            dst[border..border + inner].copy_from_slice(&x.data[src..src + inner]);
+            dst[border + inner..].fill(0.);
+        }
+        for (j, oy) in lines.enumerate() {
+            let line = (image * ho + oy) * wo;
+            let part = r.max(line)..end.min(line + wo);
+            let a = band[j * line_len + (part.start - line) * c..].as_ptr();
+            run(a, c, Some(&taps), part);
+        }
+        r = end;
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +437,8 @@ mod tests {
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
     /// and column tails, through every kernel this CPU has: equal to the direct definition.
+    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, AVX-512),
+    /// on plain and paired panels.
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
         let mut kernels = vec![Kernel::Portable];
@@ -377,10 +446,11 @@ mod tests {
         if is_x86_feature_detected!("avx512f") {
             kernels.push(Kernel::Avx512);
         }
-        for &(c_out, stride) in &[(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (5, 1)] {
+        let shapes = [(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (5, 1)];
+        for (&(c_out, stride), c_a) in shapes.iter().flat_map(|s| [(s, 5), (s, 6)]) {
             let (n, h, w) = (2, 9, 7);
-            let (a, b) = (map(n, h, w, 5, 1), map(n, h, w, 3, 2));
-            let (wa, wb) = (values(c_out * 5 * 9, 3), values(c_out * 3, 4));
+            let (a, b) = (map(n, h, w, c_a, 1), map(n, h, w, 3, 2));
+            let (wa, wb) = (values(c_out * c_a * 9, 3), values(c_out * 3, 4));
             let (ya, yb) = (
                 naive(&a, &wa, c_out, 3, stride, 1),
                 naive(&b, &wb, c_out, 1, stride, 0),
@@ -396,7 +466,7 @@ mod tests {
                 relu: true,
             };
             for &kernel in &kernels {
-                let pa = packed(&wa, c_out, 5, 3, stride, 1, kernel);
+                let pa = packed(&wa, c_out, c_a, 3, stride, 1, kernel);
                 let pb = packed(&wb, c_out, 3, 1, stride, 0, kernel);
                 let terms = [
                     Term {
@@ -417,9 +487,41 @@ mod tests {
                     let want = (ya.data[i] + yb.data[i] + bias[co] + residual.data[i] + up).max(0.);
                     assert!(
                         (got - want).abs() < 1e-4,
-                        "{kernel:?} {c_out} s{stride} [{i}]: {got} vs {want}"
+                        "{kernel:?} {c_a}->{c_out} s{stride} [{i}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Taps read in place give the direct convolution on blocks that start and end inside a
+    /// line and span images, for plain and paired panels.
+    #[test]
+    fn tap_reads_match_the_direct_convolution_on_any_block() {
+        if Kernel::choose(8, false) != Kernel::Avx512 {
+            return; // taps are read on the AVX-512 kernel only
+        }
+        let (n, h, w, c_in) = (3, 6, 5, 4);
+        let x = map(n, h, w, c_in, 1);
+        for c_out in [8, 16, 24] {
+            let weight = values(c_out * c_in * 9, 2);
+            let conv = packed(&weight, c_out, c_in, 3, 1, 1, Kernel::Avx512);
+            assert!(conv.reads_taps());
+            let want = naive(&x, &weight, c_out, 3, 1, 1);
+            let mut out = vec![f32::NAN; n * h * w * c_out];
+            let term = Term {
+                conv: &conv,
+                input: &x,
+            };
+            for rows in [0..3, 3..17, 17..61, 61..90] {
+                let block = Block {
+                    rows,
+                    cols: 0..c_out,
+                };
+                gemm_block(&term, &block, OutPtr(out.as_mut_ptr()), c_out, false, None);
+            }
+            for (i, (got, want)) in out.iter().zip(&want.data).enumerate() {
+                assert!((got - want).abs() < 1e-4, "{c_out} [{i}]: {got} vs {want}");
             }
         }
     }

@@ -71,6 +71,12 @@ impl PackedB {
         self.n
     }
 
+    /// Whether a GEMM on these panels can read A by taps of `segment` steps ([`Gemm::taps`]):
+    /// on our micro-kernel, in whole pairs where the rows are paired.
+    pub fn takes_taps(&self, segment: usize) -> bool {
+        self.kernel == Kernel::Avx512 && (segment.is_multiple_of(2) || !self.pairs)
+    }
+
     /// Column blocks handed to different threads start on multiples of this.
     pub fn column_align(&self) -> usize {
         match self.kernel {
@@ -138,6 +144,10 @@ pub struct Gemm<'a> {
     /// `rows.len()` rows of `b.k` floats, `lda` apart.
     pub a: *const f32,
     pub lda: usize,
+    /// With taps (AVX-512 kernel only), A is not stored as rows of `b.k` floats: K is
+    /// `taps.len()` equal segments, segment `t` of row `i` at `a + i * lda + taps[t]`. A
+    /// stride-1 convolution reads its input this way, one segment per kernel tap, in place.
+    pub taps: Option<&'a [usize]>,
     pub rows: Range<usize>,
     pub b: &'a PackedB,
     pub cols: Range<usize>,
@@ -156,6 +166,7 @@ pub struct Gemm<'a> {
 /// and no one else may touch `c[rows, cols]` meanwhile.
 pub unsafe fn gemm(g: &Gemm) {
     debug_assert_eq!(g.cols.start % g.b.column_align(), 0);
+    debug_assert!(g.taps.is_none() || g.b.kernel == Kernel::Avx512);
     match g.b.kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => avx512::gemm(g),
@@ -238,6 +249,7 @@ mod avx512 {
         let Gemm {
             a,
             lda,
+            taps,
             ref rows,
             b,
             ref cols,
@@ -248,16 +260,29 @@ mod avx512 {
         } = *g;
         let w = b.width;
         let panels = cols.start / w..cols.end.div_ceil(w);
-        for k0 in (0..b.k).step_by(KC) {
-            let kc = KC.min(b.k - k0);
+        // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
+        let (seg, chunk) = match taps {
+            Some(taps) => {
+                let seg = b.k / taps.len();
+                debug_assert!(seg * taps.len() == b.k && b.takes_taps(seg));
+                (seg, (KC / seg).max(1) * seg)
+            }
+            None => (b.k, KC),
+        };
+        for k0 in (0..b.k).step_by(chunk) {
+            let kc = chunk.min(b.k - k0);
             let last_chunk = k0 + kc == b.k;
+            let (a_chunk, chunk_taps, seg) = match taps {
+                Some(taps) => (a, &taps[k0 / seg..(k0 + kc) / seg], seg),
+                None => (a.add(k0), &[0][..], kc),
+            };
             // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
             // group's first panel, passes over all of them.
             let group = (GROUP_FLOATS / (kc * w)).max(1);
             for first in panels.clone().step_by(group) {
                 for r0 in rows.clone().step_by(MR) {
                     let strip = MR.min(rows.end - r0);
-                    let a_strip = a.add((r0 - rows.start) * lda + k0);
+                    let a_strip = a_chunk.add((r0 - rows.start) * lda);
                     for p in first..(first + group).min(panels.end) {
                         let col0 = p * w;
                         let mut store = Store {
@@ -271,7 +296,8 @@ mod avx512 {
                             store.finish(f, r0, strip, col0);
                         }
                         let tile = Tile {
-                            kc,
+                            taps: chunk_taps,
+                            seg,
                             a: a_strip,
                             lda,
                             b: b.panel_from(p, k0).as_ptr(),
@@ -310,11 +336,13 @@ mod avx512 {
         }
     }
 
-    /// One micro-kernel call's operands: `kc` steps of A's rows (`lda` apart) and of the
-    /// panel chunk `b`, into C at `c` (rows `ldc` apart).
+    /// One micro-kernel call's operands: A's rows (`lda` apart) in segments of `seg` steps
+    /// at offsets `taps`, times as many steps of the panel chunk `b`, into C at `c` (rows `ldc`
+    /// apart).
     #[derive(Clone, Copy)]
-    struct Tile {
-        kc: usize,
+    struct Tile<'a> {
+        taps: &'a [usize],
+        seg: usize,
         a: *const f32,
         lda: usize,
         b: *const f32,
@@ -343,10 +371,11 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
         let Tile {
-            kc,
+            taps,
+            seg,
             a,
             lda,
-            b,
+            mut b,
             c,
             ldc,
         } = *t;
@@ -363,17 +392,21 @@ mod avx512 {
                 }
             }
         }
-        for k in 0..kc {
-            let mut bv = [_mm512_setzero_ps(); NV];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(b.add(k * 16 * NV + 16 * v));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(i * lda + k));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+        for &tap in taps {
+            let a = a.add(tap);
+            for k in 0..seg {
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(b.add(k * 16 * NV + 16 * v));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * lda + k));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(av, bv[v], *x);
+                    }
                 }
             }
+            b = b.add(seg * 16 * NV);
         }
         for (i, row) in acc.iter_mut().enumerate() {
             for (v, x) in row.iter_mut().enumerate() {
@@ -407,10 +440,11 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
         let Tile {
-            kc,
+            taps,
+            seg,
             a,
             lda,
-            b,
+            mut b,
             c,
             ldc,
         } = *t;
@@ -430,17 +464,22 @@ mod avx512 {
                 }
             }};
         }
-        for kp in 0..kc / 2 {
-            step!(kp, |i: usize| {
-                let pair = a.add(i * lda + 2 * kp).cast::<f64>().read_unaligned();
-                _mm512_castpd_ps(_mm512_set1_pd(pair))
-            });
-        }
-        if kc % 2 == 1 {
-            // The last, unpaired step: its partner lanes get 0 (the panel's padding row is 0).
-            step!(kc / 2, |i: usize| {
-                _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a.add(i * lda + kc - 1)))
-            });
+        for &tap in taps {
+            let a = a.add(tap);
+            for kp in 0..seg / 2 {
+                step!(kp, |i: usize| {
+                    let pair = a.add(i * lda + 2 * kp).cast::<f64>().read_unaligned();
+                    _mm512_castpd_ps(_mm512_set1_pd(pair))
+                });
+            }
+            if seg % 2 == 1 {
+                // The last, unpaired step of K (segments are even where there are several):
+                // its partner lanes get 0 (the panel's padding row is 0).
+                step!(seg / 2, |i: usize| {
+                    _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a.add(i * lda + seg - 1)))
+                });
+            }
+            b = b.add(seg / 2 * 16 * NV);
         }
         let even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
         for (i, row) in acc.iter().enumerate() {
