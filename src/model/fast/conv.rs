@@ -11,7 +11,7 @@ use std::ops::Range;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{self, Finish, Gemm, Kernel, PackedB};
+use super::kernel::{self, Finish, Gemm, Kernel, Lhs, PackedB};
 use super::map::Map;
 use crate::alloc::uncounted;
 
@@ -285,16 +285,14 @@ fn gemm_block(
 ) {
     let conv = term.conv;
     let depth = conv.depth();
-    let run = |a: *const f32, lda: usize, taps: Option<&[usize]>, rows: Range<usize>| {
-        // SAFETY: `a` holds the rows' A as `lda` and `taps` say, the output buffer holds
+    let run = |a: Lhs| {
+        // SAFETY: `a` holds the block's rows of A as `Lhs` says, the output buffer holds
         // `m x ld_dst`, residual and upsampled rows are `ld_dst` long (checked shapes), and the
         // tasks' blocks are disjoint.
         unsafe {
             kernel::gemm(&Gemm {
                 a,
-                lda,
-                taps,
-                rows,
+                rows: block.rows.clone(),
                 b: &conv.weights,
                 cols: block.cols.clone(),
                 c: dst.0,
@@ -306,7 +304,7 @@ fn gemm_block(
     };
     if conv.reads_input_directly() {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
-        return run(a, depth, None, block.rows.clone());
+        return run(Lhs::Rows { a, lda: depth });
     }
     PATCHES.with_borrow_mut(|scratch| {
         if conv.reads_taps() {
@@ -317,37 +315,55 @@ fn gemm_block(
             scratch.resize(len, 0.);
         }
         conv.patches(term.input, block.rows.clone(), &mut scratch[..len]);
-        run(scratch.as_ptr(), depth, None, block.rows.clone());
+        run(Lhs::Rows {
+            a: scratch.as_ptr(),
+            lda: depth,
+        });
     });
 }
 
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
 /// are copied once, with zero borders, into `band`, where tap `(ky, kx)` of every output pixel
-/// of a line is the same pointer step away; `run(a, lda, taps, rows)` multiplies line by line.
-/// One copy of the input instead of `k * k`.
+/// is the same step from the pixel's start; `run` multiplies them in place. One copy of the
+/// input instead of `k * k`.
 fn tap_block(
     conv: &PackedConv,
     x: &Map,
     rows: Range<usize>,
     band: &mut Vec<f32>,
-    run: impl Fn(*const f32, usize, Option<&[usize]>, Range<usize>),
+    run: impl Fn(Lhs),
 ) {
     let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
     let (ho, wo) = (conv.out_len(x.h), conv.out_len(x.w));
     let line_len = (x.w + 2 * pad) * c;
-    let taps = conv.tap_offsets(x.w + 2 * pad);
-    let mut r = rows.start;
-    while r < rows.end {
-        // The output lines of one image in the block, and the input lines they read.
-        let image = r / (ho * wo);
-        let end = rows.end.min((image + 1) * ho * wo);
-        let lines = r / wo % ho..(end - 1) / wo % ho + 1;
-        let band_lines = lines.len() + k - 1;
-        if band.len() < band_lines * line_len {
-            band.resize(band_lines * line_len, 0.);
-        }
-        for (j, dst) in band.chunks_exact_mut(line_len).take(band_lines).enumerate() {
-            let y = (lines.start + j) as isize - pad as isize;
+    // The block's output lines image by image (the first image from the block's first line,
+    // the last to its last line), each image's with the `k - 1` input lines they overlap.
+    let (first, last) = (rows.start, rows.end - 1);
+    let (first_image, first_line) = (first / (ho * wo), first / wo % ho);
+    let (last_image, last_line) = (last / (ho * wo), last / wo % ho);
+    let lines = |image: usize| {
+        let from = if image == first_image { first_line } else { 0 };
+        let to = if image == last_image {
+            last_line + 1
+        } else {
+            ho
+        };
+        from..to
+    };
+    // Where an image's lines start in the band: after the first image's, whole images.
+    let band_start = |image: usize| match image - first_image {
+        0 => 0,
+        later => (lines(first_image).len() + (later - 1) * ho + later * (k - 1)) * line_len,
+    };
+    let len = band_start(last_image + 1);
+    if band.len() < len {
+        band.resize(len, 0.);
+    }
+    for image in first_image..=last_image {
+        let (lines, start) = (lines(image), band_start(image));
+        let band_lines =
+            band[start..start + (lines.len() + k - 1) * line_len].chunks_exact_mut(line_len);
+        for (dst, y) in band_lines.zip(lines.start as isize - pad as isize..) {
             if y < 0 || y >= x.h as isize {
                 dst.fill(0.);
                 continue;
@@ -358,14 +374,29 @@ fn tap_block(
             dst[border..border + inner].copy_from_slice(&x.data[src..src + inner]);
             dst[border + inner..].fill(0.);
         }
-        for (j, oy) in lines.enumerate() {
-            let line = (image * ho + oy) * wo;
-            let part = r.max(line)..end.min(line + wo);
-            let a = band[j * line_len + (part.start - line) * c..].as_ptr();
-            run(a, c, Some(&taps), part);
-        }
-        r = end;
     }
+    let band = &band[..];
+    let starts = |row: usize, dst: &mut [*const f32]| {
+        let (mut image, mut oy, mut ox) = (row / (ho * wo), row / wo % ho, row % wo);
+        let mut line = band_start(image) + (oy - lines(image).start) * line_len;
+        for start in dst {
+            *start = band[line + ox * c..].as_ptr();
+            ox += 1;
+            if ox == wo {
+                (ox, oy) = (0, oy + 1);
+                line += line_len;
+                if oy == ho {
+                    (oy, image) = (0, image + 1);
+                    line = band_start(image);
+                }
+            }
+        }
+    };
+    let taps = conv.tap_offsets(x.w + 2 * pad);
+    run(Lhs::Taps {
+        starts: &starts,
+        taps: &taps,
+    });
 }
 
 #[cfg(test)]

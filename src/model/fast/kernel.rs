@@ -71,7 +71,7 @@ impl PackedB {
         self.n
     }
 
-    /// Whether a GEMM on these panels can read A by taps of `segment` steps ([`Gemm::taps`]):
+    /// Whether a GEMM on these panels can read A by taps of `segment` steps ([`Lhs::Taps`]):
     /// on our micro-kernel, in whole pairs where the rows are paired.
     pub fn takes_taps(&self, segment: usize) -> bool {
         self.kernel == Kernel::Avx512 && (segment.is_multiple_of(2) || !self.pairs)
@@ -138,16 +138,25 @@ impl Kernel {
     }
 }
 
-/// One call: output rows `rows` (A's row 0 is `rows.start`) and columns `cols` (starting on a
-/// multiple of `b.column_align()`) of `C (+)= A x B`, then `finish` when given.
+/// Where a GEMM's left matrix is.
+#[derive(Clone, Copy)]
+pub enum Lhs<'a> {
+    /// `rows.len()` rows of `b.k` floats, `lda` apart, the first at `a`.
+    Rows { a: *const f32, lda: usize },
+    /// Not stored as rows (AVX-512 kernel only): K is `taps.len()` equal segments, segment `t`
+    /// of output row `r` at `start(r) + taps[t]`, where `starts(first, dst)` fills `dst` with
+    /// the starts of rows `first..first + dst.len()`. A stride-1 convolution reads its input in
+    /// place this way, one segment per kernel tap.
+    Taps {
+        starts: &'a (dyn Fn(usize, &mut [*const f32]) + Sync),
+        taps: &'a [usize],
+    },
+}
+
+/// One call: output rows `rows` and columns `cols` (starting on a multiple of
+/// `b.column_align()`) of `C (+)= A x B`, then `finish` when given.
 pub struct Gemm<'a> {
-    /// `rows.len()` rows of `b.k` floats, `lda` apart.
-    pub a: *const f32,
-    pub lda: usize,
-    /// With taps (AVX-512 kernel only), A is not stored as rows of `b.k` floats: K is
-    /// `taps.len()` equal segments, segment `t` of row `i` at `a + i * lda + taps[t]`. A
-    /// stride-1 convolution reads its input this way, one segment per kernel tap, in place.
-    pub taps: Option<&'a [usize]>,
+    pub a: Lhs<'a>,
     pub rows: Range<usize>,
     pub b: &'a PackedB,
     pub cols: Range<usize>,
@@ -166,7 +175,6 @@ pub struct Gemm<'a> {
 /// and no one else may touch `c[rows, cols]` meanwhile.
 pub unsafe fn gemm(g: &Gemm) {
     debug_assert_eq!(g.cols.start % g.b.column_align(), 0);
-    debug_assert!(g.taps.is_none() || g.b.kernel == Kernel::Avx512);
     match g.b.kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => avx512::gemm(g),
@@ -176,6 +184,9 @@ pub unsafe fn gemm(g: &Gemm) {
 
 unsafe fn portable_gemm(g: &Gemm) {
     let (rows, cols, b, c, ldc) = (&g.rows, &g.cols, g.b, g.c, g.ldc);
+    let Lhs::Rows { a, lda } = g.a else {
+        unreachable!("taps are read on the AVX-512 kernel only (PackedB::takes_taps)")
+    };
     gemm::gemm(
         rows.len(),
         cols.len(),
@@ -184,9 +195,9 @@ unsafe fn portable_gemm(g: &Gemm) {
         1,
         ldc as isize,
         g.accumulate,
-        g.a,
+        a,
         1,
-        g.lda as isize,
+        lda as isize,
         b.data.as_ptr().add(cols.start),
         1,
         b.n as isize,
@@ -248,8 +259,6 @@ mod avx512 {
     pub unsafe fn gemm(g: &Gemm) {
         let Gemm {
             a,
-            lda,
-            taps,
             ref rows,
             b,
             ref cols,
@@ -261,20 +270,21 @@ mod avx512 {
         let w = b.width;
         let panels = cols.start / w..cols.end.div_ceil(w);
         // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
-        let (seg, chunk) = match taps {
-            Some(taps) => {
+        let (seg, chunk) = match a {
+            Lhs::Taps { taps, .. } => {
                 let seg = b.k / taps.len();
                 debug_assert!(seg * taps.len() == b.k && b.takes_taps(seg));
                 (seg, (KC / seg).max(1) * seg)
             }
-            None => (b.k, KC),
+            Lhs::Rows { .. } => (b.k, KC),
         };
         for k0 in (0..b.k).step_by(chunk) {
             let kc = chunk.min(b.k - k0);
             let last_chunk = k0 + kc == b.k;
-            let (a_chunk, chunk_taps, seg) = match taps {
-                Some(taps) => (a, &taps[k0 / seg..(k0 + kc) / seg], seg),
-                None => (a.add(k0), &[0][..], kc),
+            let rows_from_k0 = [k0];
+            let (chunk_taps, seg) = match a {
+                Lhs::Taps { taps, .. } => (&taps[k0 / seg..(k0 + kc) / seg], seg),
+                Lhs::Rows { .. } => (&rows_from_k0[..], kc),
             };
             // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
             // group's first panel, passes over all of them.
@@ -282,7 +292,15 @@ mod avx512 {
             for first in panels.clone().step_by(group) {
                 for r0 in rows.clone().step_by(MR) {
                     let strip = MR.min(rows.end - r0);
-                    let a_strip = a_chunk.add((r0 - rows.start) * lda);
+                    let mut a_rows = [std::ptr::null(); MR];
+                    match a {
+                        Lhs::Rows { a, lda } => {
+                            for (i, row) in a_rows[..strip].iter_mut().enumerate() {
+                                *row = a.add((r0 - rows.start + i) * lda);
+                            }
+                        }
+                        Lhs::Taps { starts, .. } => starts(r0, &mut a_rows[..strip]),
+                    }
                     for p in first..(first + group).min(panels.end) {
                         let col0 = p * w;
                         let mut store = Store {
@@ -298,8 +316,7 @@ mod avx512 {
                         let tile = Tile {
                             taps: chunk_taps,
                             seg,
-                            a: a_strip,
-                            lda,
+                            a: a_rows,
                             b: b.panel_from(p, k0).as_ptr(),
                             c: c.add(r0 * ldc + col0),
                             ldc,
@@ -336,15 +353,14 @@ mod avx512 {
         }
     }
 
-    /// One micro-kernel call's operands: A's rows (`lda` apart) in segments of `seg` steps
+    /// One micro-kernel call's operands: A's rows (starting at `a`) in segments of `seg` steps
     /// at offsets `taps`, times as many steps of the panel chunk `b`, into C at `c` (rows `ldc`
     /// apart).
     #[derive(Clone, Copy)]
     struct Tile<'a> {
         taps: &'a [usize],
         seg: usize,
-        a: *const f32,
-        lda: usize,
+        a: [*const f32; MR],
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -374,7 +390,6 @@ mod avx512 {
             taps,
             seg,
             a,
-            lda,
             mut b,
             c,
             ldc,
@@ -393,14 +408,13 @@ mod avx512 {
             }
         }
         for &tap in taps {
-            let a = a.add(tap);
-            for k in 0..seg {
+            for k in tap..tap + seg {
                 let mut bv = [_mm512_setzero_ps(); NV];
                 for (v, x) in bv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(b.add(k * 16 * NV + 16 * v));
+                    *x = _mm512_loadu_ps(b.add((k - tap) * 16 * NV + 16 * v));
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(i * lda + k));
+                    let av = _mm512_set1_ps(*a[i].add(k));
                     for (v, x) in row.iter_mut().enumerate() {
                         *x = _mm512_fmadd_ps(av, bv[v], *x);
                     }
@@ -443,7 +457,6 @@ mod avx512 {
             taps,
             seg,
             a,
-            lda,
             mut b,
             c,
             ldc,
@@ -465,10 +478,9 @@ mod avx512 {
             }};
         }
         for &tap in taps {
-            let a = a.add(tap);
             for kp in 0..seg / 2 {
                 step!(kp, |i: usize| {
-                    let pair = a.add(i * lda + 2 * kp).cast::<f64>().read_unaligned();
+                    let pair = a[i].add(tap + 2 * kp).cast::<f64>().read_unaligned();
                     _mm512_castpd_ps(_mm512_set1_pd(pair))
                 });
             }
@@ -476,7 +488,7 @@ mod avx512 {
                 // The last, unpaired step of K (segments are even where there are several):
                 // its partner lanes get 0 (the panel's padding row is 0).
                 step!(seg / 2, |i: usize| {
-                    _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a.add(i * lda + seg - 1)))
+                    _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a[i].add(tap + seg - 1)))
                 });
             }
             b = b.add(seg / 2 * 16 * NV);
