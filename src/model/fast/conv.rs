@@ -12,8 +12,9 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::kernel::{self, Finish, Gemm, Kernel, Lhs, PackedB};
-use super::map::Map;
+use super::map::{avg_pool2x2, pooled_line, Map};
 use crate::alloc::uncounted;
+use crate::model::layers::halved;
 
 /// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
 /// the GEMM reads them.
@@ -97,6 +98,12 @@ impl PackedConv {
         self.kernel > 1 && self.stride == 1 && self.weights.takes_taps(self.c_in)
     }
 
+    /// Whether the convolution can read `avg_pool2x2(input)` pooled as it goes
+    /// ([`Term::pooled`]): where it reads lines of its input rather than patch rows.
+    pub fn reads_pooled(&self) -> bool {
+        self.reads_input_directly() || self.reads_taps()
+    }
+
     /// Where tap `(ky, kx)` of output pixel 0 starts in a band of input lines `padded_width`
     /// wide: the A offsets of a tap-reading GEMM.
     fn tap_offsets(&self, padded_width: usize) -> Vec<usize> {
@@ -144,6 +151,43 @@ impl PackedConv {
 pub struct Term<'a> {
     pub conv: &'a PackedConv,
     pub input: &'a Map,
+    /// The convolution reads `avg_pool2x2(input)`, pooled line by line as it reads it (no
+    /// pooled map): only where `conv.reads_pooled()`.
+    pub pooled: bool,
+}
+
+impl<'a> Term<'a> {
+    /// `conv(input)`.
+    pub fn of(conv: &'a PackedConv, input: &'a Map) -> Self {
+        Self {
+            conv,
+            input,
+            pooled: false,
+        }
+    }
+
+    /// `conv(avg_pool2x2(input))`: pooled as the convolution reads it where it can, otherwise
+    /// into `store` first.
+    pub fn pooled(conv: &'a PackedConv, input: &'a Map, store: &'a mut Option<Map>) -> Self {
+        if conv.reads_pooled() {
+            return Self {
+                conv,
+                input,
+                pooled: true,
+            };
+        }
+        Self::of(conv, store.insert(avg_pool2x2(input)))
+    }
+
+    /// The height and width the convolution reads.
+    fn grid(&self) -> (usize, usize) {
+        let (h, w) = (self.input.h, self.input.w);
+        if self.pooled {
+            (halved(h), halved(w))
+        } else {
+            (h, w)
+        }
+    }
 }
 
 /// What is applied to each output value after the convolutions, in this order.
@@ -199,25 +243,25 @@ unsafe impl Sync for OutPtr {}
 
 /// `epilogue(sum of conv(input) over terms)`: all terms must give the same output size.
 pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
+    let out_grid = |t: &Term| {
+        let (h, w) = t.grid();
+        (
+            t.input.n,
+            t.conv.out_len(h),
+            t.conv.out_len(w),
+            t.conv.c_out(),
+        )
+    };
     let first = &terms[0];
-    let (n, ho, wo) = (
-        first.input.n,
-        first.conv.out_len(first.input.h),
-        first.conv.out_len(first.input.w),
-    );
-    let c_out = first.conv.c_out();
+    let (n, ho, wo, c_out) = out_grid(first);
     for t in terms {
         assert_eq!(
-            (
-                t.input.n,
-                t.conv.out_len(t.input.h),
-                t.conv.out_len(t.input.w),
-                t.conv.c_out()
-            ),
+            out_grid(t),
             (n, ho, wo, c_out),
             "octave terms must produce the same output grid"
         );
         assert_eq!(t.input.c, t.conv.c_in, "input channels");
+        assert!(!t.pooled || t.conv.reads_pooled(), "pooled on read");
     }
     let m = n * ho * wo;
     let mut data: Vec<f32> = Vec::with_capacity(m * c_out);
@@ -302,13 +346,13 @@ fn gemm_block(
             })
         }
     };
-    if conv.reads_input_directly() {
+    if conv.reads_input_directly() && !term.pooled {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
         return run(Lhs::Rows { a, lda: depth });
     }
     PATCHES.with_borrow_mut(|scratch| {
-        if conv.reads_taps() {
-            return tap_block(conv, term.input, block.rows.clone(), scratch, run);
+        if conv.reads_taps() || term.pooled {
+            return tap_block(term, block.rows.clone(), scratch, run);
         }
         let len = block.rows.len() * depth;
         if scratch.len() < len {
@@ -323,19 +367,16 @@ fn gemm_block(
 }
 
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
-/// are copied once, with zero borders, into `band`, where tap `(ky, kx)` of every output pixel
-/// is the same step from the pixel's start; `run` multiplies them in place. One copy of the
-/// input instead of `k * k`.
-fn tap_block(
-    conv: &PackedConv,
-    x: &Map,
-    rows: Range<usize>,
-    band: &mut Vec<f32>,
-    run: impl Fn(Lhs),
-) {
+/// are copied once (or pooled, for a pooled term), with zero borders, into `band`, where tap
+/// `(ky, kx)` of every output pixel is the same step from the pixel's start; `run` multiplies
+/// them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band is plain
+/// rows, which either back end reads.
+fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(Lhs)) {
+    let (conv, x) = (term.conv, term.input);
+    let (h, w) = term.grid();
     let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
-    let (ho, wo) = (conv.out_len(x.h), conv.out_len(x.w));
-    let line_len = (x.w + 2 * pad) * c;
+    let (ho, wo) = (conv.out_len(h), conv.out_len(w));
+    let line_len = (w + 2 * pad) * c;
     // The block's output lines image by image (the first image from the block's first line,
     // the last to its last line), each image's with the `k - 1` input lines they overlap.
     let (first, last) = (rows.start, rows.end - 1);
@@ -364,18 +405,30 @@ fn tap_block(
         let band_lines =
             band[start..start + (lines.len() + k - 1) * line_len].chunks_exact_mut(line_len);
         for (dst, y) in band_lines.zip(lines.start as isize - pad as isize..) {
-            if y < 0 || y >= x.h as isize {
+            if y < 0 || y >= h as isize {
                 dst.fill(0.);
                 continue;
             }
-            let (border, inner) = (pad * c, x.w * c);
-            let src = (image * x.h + y as usize) * inner;
+            let (border, inner) = (pad * c, w * c);
+            let line = &mut dst[border..border + inner];
+            if term.pooled {
+                pooled_line(x, image, y as usize, line);
+            } else {
+                let src = (image * h + y as usize) * inner;
+                line.copy_from_slice(&x.data[src..src + inner]);
+            }
             dst[..border].fill(0.);
-            dst[border..border + inner].copy_from_slice(&x.data[src..src + inner]);
             dst[border + inner..].fill(0.);
         }
     }
     let band = &band[..];
+    if k == 1 {
+        let skipped = (rows.start % wo) * c;
+        return run(Lhs::Rows {
+            a: band[skipped..].as_ptr(),
+            lda: c,
+        });
+    }
     let starts = |row: usize, dst: &mut [*const f32]| {
         let (mut image, mut oy, mut ox) = (row / (ho * wo), row / wo % ho, row % wo);
         let mut line = band_start(image) + (oy - lines(image).start) * line_len;
@@ -392,7 +445,7 @@ fn tap_block(
             }
         }
     };
-    let taps = conv.tap_offsets(x.w + 2 * pad);
+    let taps = conv.tap_offsets(w + 2 * pad);
     run(Lhs::Taps {
         starts: &starts,
         taps: &taps,
@@ -503,10 +556,12 @@ mod tests {
                     Term {
                         conv: &pa,
                         input: &a,
+                        pooled: false,
                     },
                     Term {
                         conv: &pb,
                         input: &b,
+                        pooled: false,
                     },
                 ];
                 let out = conv_sum(&terms, &epilogue);
@@ -543,6 +598,7 @@ mod tests {
             let term = Term {
                 conv: &conv,
                 input: &x,
+                pooled: false,
             };
             for rows in [0..3, 3..17, 17..61, 61..90] {
                 let block = Block {
@@ -553,6 +609,40 @@ mod tests {
             }
             for (i, (got, want)) in out.iter().zip(&want.data).enumerate() {
                 assert!((got - want).abs() < 1e-4, "{c_out} [{i}]: {got} vs {want}");
+            }
+        }
+    }
+
+    /// A pooled term (pooled as it is read) equals the same convolution of the pooled map, on
+    /// odd sizes, for 3x3 taps and 1x1 rows, through every kernel this CPU has.
+    #[test]
+    fn pooled_terms_equal_convolving_the_pooled_map() {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            kernels.push(Kernel::Avx512);
+        }
+        let x = map(3, 9, 7, 6, 1);
+        let pooled = avg_pool2x2(&x);
+        for &kernel in &kernels {
+            for (k, pad, c_out) in [(3, 1, 8), (3, 1, 40), (1, 0, 8), (1, 0, 40)] {
+                let weight = values(c_out * 6 * k * k, 2);
+                let conv = packed(&weight, c_out, 6, k, 1, pad, kernel);
+                let mut store = None;
+                let term = Term::pooled(&conv, &x, &mut store);
+                let on_read = term.pooled;
+                let got = conv_sum(&[term], &Epilogue::default());
+                // Pooled on read where the conv reads lines (taps, 1x1), else pooled first.
+                assert_eq!(on_read, conv.reads_pooled());
+                assert_eq!(on_read, store.is_none());
+                let want = naive(&pooled, &weight, c_out, k, 1, pad);
+                assert_eq!((got.n, got.h, got.w, got.c), (3, 5, 4, c_out));
+                for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-4,
+                        "{kernel:?} {k}x{k}->{c_out} [{i}]: {g} vs {w}"
+                    );
+                }
             }
         }
     }

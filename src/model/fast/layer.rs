@@ -78,16 +78,13 @@ impl FastLayer {
         let pooled_high = self.pool_first.then(|| avg_pool2x2(&x.high));
         let high_in = pooled_high.as_ref().unwrap_or(&x.high);
         let mut terms = Vec::with_capacity(2);
-        terms.extend(self.h2h.as_ref().map(|conv| Term {
-            conv,
-            input: high_in,
-        }));
+        terms.extend(self.h2h.as_ref().map(|conv| Term::of(conv, high_in)));
         let mut upsampled = None;
         if let (Some(conv), Some(x_low)) = (&self.l2h, &x.low) {
+            let term = Term::of(conv, x_low);
             if self.pool_first {
-                terms.push(Term { conv, input: x_low });
+                terms.push(term);
             } else {
-                let term = Term { conv, input: x_low };
                 upsampled = Some(conv_sum(&[term], &Epilogue::default()));
             }
         }
@@ -114,17 +111,17 @@ impl FastLayer {
         x_low: Option<&Map>,
         residual: Option<&OctMap>,
     ) -> Option<Map> {
-        let pooled_low = match (x_low, &self.l2l) {
-            (Some(x), Some(_)) if self.pool_first => Some(avg_pool2x2(x)),
-            _ => None,
-        };
-        let twice_pooled = self.h2l.as_ref().map(|_| avg_pool2x2(high_in));
+        let (mut pooled_low, mut twice_pooled) = (None, None);
         let mut terms = Vec::with_capacity(2);
-        if let (Some(conv), Some(x)) = (&self.l2l, pooled_low.as_ref().or(x_low)) {
-            terms.push(Term { conv, input: x });
+        if let (Some(conv), Some(x)) = (&self.l2l, x_low) {
+            terms.push(if self.pool_first {
+                Term::pooled(conv, x, &mut pooled_low)
+            } else {
+                Term::of(conv, x)
+            });
         }
-        if let (Some(conv), Some(x)) = (&self.h2l, &twice_pooled) {
-            terms.push(Term { conv, input: x });
+        if let Some(conv) = &self.h2l {
+            terms.push(Term::pooled(conv, high_in, &mut twice_pooled));
         }
         if terms.is_empty() {
             return None;

@@ -80,40 +80,43 @@ impl Map {
 /// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages what it covers
 /// (as [`crate::model::layers::avg_pool2x2`]).
 pub fn avg_pool2x2(x: &Map) -> Map {
-    let c = x.c;
-    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), c);
-    out.fill_rows(|image, oy, row| {
-        // Whole windows in one pass over the two input rows, four pixels per output pixel.
-        let whole_windows = if 2 * oy + 1 < x.h { x.w / 2 } else { 0 };
-        let (whole, cut) = row.split_at_mut(whole_windows * c);
-        let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
-        for ((dst, top), bottom) in whole
-            .chunks_exact_mut(c)
-            .zip(pairs(2 * oy))
-            .zip(pairs(2 * oy + 1))
-        {
-            let ((t0, t1), (b0, b1)) = (top.split_at(c), bottom.split_at(c));
-            for ((d, (a, b)), (e, f)) in
-                dst.iter_mut().zip(t0.iter().zip(t1)).zip(b0.iter().zip(b1))
-            {
-                *d = 0.25 * (a + b + e + f);
-            }
-        }
-        // Windows cut by the right or bottom border: the mean of the cells they cover.
-        let ys = 2 * oy..(2 * oy + 2).min(x.h);
-        for (ox, dst) in (whole_windows..).zip(cut.chunks_exact_mut(c)) {
-            let xs = 2 * ox..(2 * ox + 2).min(x.w);
-            let scale = 1.0 / (ys.len() * xs.len()) as f32;
-            for y in ys.clone() {
-                for xx in xs.clone() {
-                    let src = x.pixel(image, y, xx);
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                }
-            }
-            dst.iter_mut().for_each(|d| *d *= scale);
-        }
-    });
+    let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
+    out.fill_rows(|image, oy, row| pooled_line(x, image, oy, row));
     out
+}
+
+/// Line `oy` of image `image` of [`avg_pool2x2`]`(x)`, written over whatever `dst` held: where
+/// a convolution reads the pooled map, it pools each line it needs as it reads it.
+pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32]) {
+    let c = x.c;
+    // Whole windows in one pass over the two input rows, four pixels per output pixel.
+    let whole_windows = if 2 * oy + 1 < x.h { x.w / 2 } else { 0 };
+    let (whole, cut) = dst.split_at_mut(whole_windows * c);
+    let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
+    for ((dst, top), bottom) in whole
+        .chunks_exact_mut(c)
+        .zip(pairs(2 * oy))
+        .zip(pairs(2 * oy + 1))
+    {
+        let ((t0, t1), (b0, b1)) = (top.split_at(c), bottom.split_at(c));
+        for ((d, (a, b)), (e, f)) in dst.iter_mut().zip(t0.iter().zip(t1)).zip(b0.iter().zip(b1)) {
+            *d = 0.25 * (a + b + e + f);
+        }
+    }
+    // Windows cut by the right or bottom border: the mean of the cells they cover.
+    let ys = 2 * oy..(2 * oy + 2).min(x.h);
+    for (ox, dst) in (whole_windows..).zip(cut.chunks_exact_mut(c)) {
+        let xs = 2 * ox..(2 * ox + 2).min(x.w);
+        let scale = 1.0 / (ys.len() * xs.len()) as f32;
+        dst.fill(0.);
+        for y in ys.clone() {
+            for xx in xs.clone() {
+                let src = x.pixel(image, y, xx);
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            }
+        }
+        dst.iter_mut().for_each(|d| *d *= scale);
+    }
 }
 
 /// 3x3 max pool, stride 2, padding 1: the ResNet stem's.

@@ -140,6 +140,7 @@ impl FastNet {
         let term = Term {
             conv: &self.fc,
             input: &features,
+            pooled: false,
         };
         let epilogue = Epilogue {
             bias: &self.fc_bias,
