@@ -5,6 +5,9 @@
     octserve bench --arch oct-resnet50 --batch-size 1 --iters 10 --profile --json > octave.json
     python3 tools/peers/profile_stages.py vanilla.json octave.json
 
+Either side may be several runs, comma-separated (`v1.json,v2.json,v3.json`): each layer then
+counts with its smallest median over the runs, the least disturbed by a shared machine.
+
 Layer names are PyTorch module paths: `layer3.2.conv1` belongs to `layer3`; the stem is `conv1`
 and `maxpool`. Prints one markdown table: time, GFLOP/s, and the octave/vanilla ratios of time
 and of MACs per stage.
@@ -14,15 +17,20 @@ import sys
 from collections import OrderedDict
 
 
-def stages(path):
-    report = json.load(open(path))
+def stages(paths):
+    runs = [json.load(open(path)) for path in paths.split(",")]
+    fastest = OrderedDict()
+    for run in runs:
+        for layer in run["layers"]:
+            ms, _ = fastest.get(layer["name"], (float("inf"), 0))
+            fastest[layer["name"]] = (min(ms, layer["ms"]), layer["macs"])
     sums = OrderedDict()
-    for layer in report["layers"]:
-        name = layer["name"].split(".")[0]
+    for name, (ms, macs) in fastest.items():
+        name = name.split(".")[0]
         stage = "stem" if name in ("conv1", "maxpool") else name
-        ms, macs = sums.get(stage, (0.0, 0))
-        sums[stage] = (ms + layer["ms"], macs + layer["macs"])
-    return report, sums
+        total_ms, total_macs = sums.get(stage, (0.0, 0))
+        sums[stage] = (total_ms + ms, total_macs + macs)
+    return runs[0], sums, len(runs)
 
 
 def gflops(ms, macs):
@@ -34,8 +42,9 @@ def total(sums):
 
 
 def main():
-    (vanilla, v), (octave, o) = stages(sys.argv[1]), stages(sys.argv[2])
-    print(f"batch {vanilla['batch_size']}: total (sum of layer medians) "
+    (vanilla, v, runs), (octave, o, _) = stages(sys.argv[1]), stages(sys.argv[2])
+    fastest = f", the fastest of {runs} runs per layer" if runs > 1 else ""
+    print(f"batch {vanilla['batch_size']}: total (sum of layer medians{fastest}) "
           f"{vanilla['arch']} {total(v):.1f} ms, {octave['arch']} {total(o):.1f} ms")
     print("| stage | vanilla ms | vanilla GFLOP/s | octave ms | octave GFLOP/s "
           "| octave/vanilla time | octave/vanilla MACs |")
