@@ -228,21 +228,25 @@ unsafe fn finish_block_avx512(g: &Gemm, f: &Finish) {
 #[inline(always)]
 unsafe fn finish_block(g: &Gemm, f: &Finish) {
     let (cols, c, ldc) = (&g.cols, g.c, g.ldc);
-    for r in g.rows.clone() {
-        let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
-        if !f.bias.is_empty() {
-            add(row, &f.bias[cols.clone()]);
-        }
-        let mut addends = [[std::ptr::null(); 2]];
-        (f.addends)(r, &mut addends);
-        for addend in addends[0].into_iter().filter(|p| !p.is_null()) {
-            add(
-                row,
-                std::slice::from_raw_parts(addend.add(cols.start), cols.len()),
-            );
-        }
-        if f.relu {
-            row.iter_mut().for_each(|v| *v = v.max(0.));
+    // Addend rows are located a strip at a time, as the micro-kernel's store does.
+    let mut addends = [[std::ptr::null(); 2]; MR];
+    for first in g.rows.clone().step_by(MR) {
+        let strip = &mut addends[..MR.min(g.rows.end - first)];
+        (f.addends)(first, strip);
+        for (r, row_addends) in (first..).zip(strip.iter()) {
+            let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
+            if !f.bias.is_empty() {
+                add(row, &f.bias[cols.clone()]);
+            }
+            for addend in row_addends.iter().filter(|p| !p.is_null()) {
+                add(
+                    row,
+                    std::slice::from_raw_parts(addend.add(cols.start), cols.len()),
+                );
+            }
+            if f.relu {
+                row.iter_mut().for_each(|v| *v = v.max(0.));
+            }
         }
     }
 }
