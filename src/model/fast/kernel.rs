@@ -286,7 +286,8 @@ mod avx512 {
             let kc = chunk.min(b.k - k0);
             let last_chunk = k0 + kc == b.k;
             let rows_from_k0 = [k0];
-            let (chunk_taps, seg) = match a {
+            // This chunk's segments of A: its taps, or the rows' K steps from `k0` as one.
+            let (chunk_taps, chunk_seg) = match a {
                 Lhs::Taps { taps, .. } => (&taps[k0 / seg..(k0 + kc) / seg], seg),
                 Lhs::Rows { .. } => (&rows_from_k0[..], kc),
             };
@@ -319,7 +320,7 @@ mod avx512 {
                         }
                         let tile = Tile {
                             taps: chunk_taps,
-                            seg,
+                            seg: chunk_seg,
                             a: a_rows,
                             b: b.panel_from(p, k0).as_ptr(),
                             c: c.add(r0 * ldc + col0),
