@@ -239,6 +239,25 @@ fn an_image_gets_the_same_output_alone_and_in_a_batch_of_eight() {
     }
 }
 
+/// A batch at least as large as the thread pool runs one share of images per thread, shares of
+/// unequal size included (5 images on 3 threads); the logits come back in the batch's order.
+#[test]
+fn a_batch_split_over_threads_gives_every_image_its_own_logits() {
+    let model = random_model("oct-resnet20", 0.5, 1);
+    let folded = model.folded().unwrap();
+    let batch = Tensor::randn(0f32, 1., (5, 1, 28, 28), &Device::Cpu).unwrap();
+    let plain = model.forward(&batch).unwrap();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let split = pool.install(|| folded.forward(&batch).unwrap());
+        let diff = max_abs_diff(&plain, &split);
+        assert!(diff <= 1e-4, "{threads} threads: differs by {diff}");
+    }
+}
+
 #[test]
 fn models_accept_any_input_size() {
     let model = random_model("oct-resnet26", 0.5, 3);
@@ -324,23 +343,39 @@ fn octave_layer_reproduces_table1_of_the_paper() {
 #[test]
 fn the_fast_paths_measured_peak_is_the_analytic_one() {
     let (h, w) = (96, 96);
-    let peaks = ["resnet26", "oct-resnet26"].map(|name| {
+    // Batch 1 is spread over the threads by tiles; batch 2 on two threads runs one image per
+    // thread at once, so the pass holds both images' maps.
+    let peaks = [
+        ("resnet26", 1),
+        ("oct-resnet26", 1),
+        ("resnet26", 2),
+        ("oct-resnet26", 2),
+    ];
+    let peaks = peaks.map(|(name, batch)| {
         let model = random_model(name, 0.5, 3);
-        let analytic = model.cost(h, w).peak_activation_bytes;
+        let analytic = model.cost(h, w).peak_activation_bytes * batch;
         let folded = model.folded().unwrap();
-        let x = Tensor::randn(0f32, 1., (1, 3, h, w), &Device::Cpu).unwrap();
-        let (_, measured) = octserve::alloc::measure_peak(|| folded.forward(&x).unwrap());
+        let x = Tensor::randn(0f32, 1., (batch, 3, h, w), &Device::Cpu).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (_, measured) =
+            pool.install(|| octserve::alloc::measure_peak(|| folded.forward(&x).unwrap()));
         assert!(
             measured as f64 <= analytic as f64 * 1.02,
             "{name}: measured peak {measured} B over the analytic {analytic} B"
         );
         (measured as f64, analytic as f64)
     });
-    let [(vanilla, vanilla_walk), (octave, octave_walk)] = peaks;
-    assert!(
-        octave / vanilla <= octave_walk / vanilla_walk + 0.01,
-        "octave/vanilla measured {:.3} vs analytic {:.3}",
-        octave / vanilla,
-        octave_walk / vanilla_walk
-    );
+    for [(vanilla, vanilla_walk), (octave, octave_walk)] in
+        [[peaks[0], peaks[1]], [peaks[2], peaks[3]]]
+    {
+        assert!(
+            octave / vanilla <= octave_walk / vanilla_walk + 0.01,
+            "octave/vanilla measured {:.3} vs analytic {:.3}",
+            octave / vanilla,
+            octave_walk / vanilla_walk
+        );
+    }
 }

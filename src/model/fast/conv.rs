@@ -9,10 +9,10 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 use super::kernel::{self, Finish, Gemm, Kernel, Lhs, PackedB};
 use super::map::{avg_pool2x2, pooled_line, Map};
+use super::threads;
 use crate::alloc::uncounted;
 use crate::model::layers::halved;
 
@@ -297,14 +297,13 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     // the batch, and a thread waiting here may run other callers' work: none of it is part of
     // the feature maps this pass holds (see `crate::alloc`).
     uncounted(|| {
-        blocks(m, c_out, tile_rows, rayon::current_num_threads(), align)
-            .into_par_iter()
-            .for_each(|block| {
-                for (i, term) in terms.iter().enumerate() {
-                    let last = i + 1 == terms.len();
-                    gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
-                }
-            })
+        let blocks = blocks(m, c_out, tile_rows, threads::available(), align);
+        threads::for_each_task(blocks, |block| {
+            for (i, term) in terms.iter().enumerate() {
+                let last = i + 1 == terms.len();
+                gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
+            }
+        })
     });
     // SAFETY: the blocks cover the output once and each one's first term stores every value
     // without reading it, so no value is read before it is written and all are written.

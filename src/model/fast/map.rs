@@ -3,8 +3,9 @@
 //! NHWC keeps a pixel's channels contiguous, so a 1x1 convolution reads its input as the
 //! left-hand matrix of a GEMM as is, and every kxk patch row is `k` runs of `k * c` floats.
 
-use rayon::prelude::*;
+use std::ops::Range;
 
+use super::threads;
 use crate::alloc::uncounted;
 use crate::model::layers::halved;
 
@@ -41,6 +42,16 @@ impl Map {
         &self.data[start..start + self.c]
     }
 
+    /// A copy of images `range` of the batch.
+    pub fn images(&self, range: Range<usize>) -> Self {
+        let len = self.h * self.w * self.c;
+        Self {
+            n: range.len(),
+            data: self.data[range.start * len..range.end * len].to_vec(),
+            ..*self
+        }
+    }
+
     /// From NCHW (candle's layout).
     pub fn from_nchw(data: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
         let mut map = Self::zeros(n, h, w, c);
@@ -64,15 +75,13 @@ impl Map {
         let h = self.h;
         // A thread waiting here may run other callers' work: not this pass's (`crate::alloc`).
         uncounted(|| {
-            self.data
-                .par_chunks_mut(row_len * rows_per_task)
-                .enumerate()
-                .for_each(|(task, chunk)| {
-                    for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
-                        let r = task * rows_per_task + i;
-                        fill(r / h, r % h, row);
-                    }
-                })
+            let tasks = self.data.chunks_mut(row_len * rows_per_task);
+            threads::for_each_task(tasks.enumerate().collect(), |(task, chunk)| {
+                for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+                    let r = task * rows_per_task + i;
+                    fill(r / h, r % h, row);
+                }
+            })
         });
     }
 }

@@ -21,6 +21,7 @@ pub mod conv;
 mod kernel;
 pub mod layer;
 pub mod map;
+mod threads;
 
 use std::time::{Duration, Instant};
 
@@ -84,12 +85,35 @@ impl FastNet {
         (logits, times)
     }
 
-    /// Runs the whole pass on a worker of the global thread pool, so the threads hand work to
-    /// each other between layers instead of waking from sleep for each of them. The maps it
-    /// allocates there are counted as the caller's (see [`crate::alloc`]).
+    /// Runs the whole pass on workers of the global thread pool: one share of the batch per
+    /// thread where the batch is large enough (see [`threads`]), else the whole batch with each
+    /// operation spread over the threads, which hand work to each other between layers instead
+    /// of waking from sleep for each of them. The maps allocated there are counted as the
+    /// caller's (see [`crate::alloc`]); shares run at once, so their peaks add up. Profiling
+    /// reports the first share's layers.
     fn run(&self, x: Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
-        let (logits, peak) = rayon::scope(|_| measure_peak(|| self.run_layers(x, times)));
-        credit_peak(peak);
+        let Some(shares) = threads::shares(x.n) else {
+            let (logits, peak) = rayon::scope(|_| measure_peak(|| self.run_layers(x, times)));
+            credit_peak(peak);
+            return logits;
+        };
+        let profiling = times.is_some();
+        let outs = threads::shared_out(shares, |images| {
+            measure_peak(|| {
+                let mut share_times = Vec::new();
+                let share = x.images(images);
+                let logits = self.run_layers(share, profiling.then_some(&mut share_times));
+                (logits, share_times)
+            })
+        });
+        drop(x);
+        credit_peak(outs.iter().map(|(_, peak)| peak).sum());
+        let mut outs = outs.into_iter().map(|(out, _)| out);
+        let (mut logits, first_times) = outs.next().expect("at least two shares");
+        if let Some(times) = times {
+            *times = first_times;
+        }
+        outs.for_each(|(share_logits, _)| logits.extend(share_logits));
         logits
     }
 
