@@ -23,6 +23,10 @@ const TILE_FLOATS: usize = 1 << 17;
 thread_local! {
     /// Each thread's patch-row buffer, reused across tiles and calls.
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's addend rows of the block it computes.
+    static ADDENDS: RefCell<Vec<[*const f32; 2]>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's row starts of the block it reads by taps.
+    static STARTS: RefCell<Vec<*const f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A convolution's weights as the GEMM's right-hand matrix, `[(ky, kx, c_in), c_out]` in
@@ -202,6 +206,43 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+impl Epilogue<'_> {
+    /// Fills `dst` with the residual and upsampled rows added to output rows `rows` of an
+    /// `ho x wo x c` output; leaves it empty where there are none.
+    fn locate_addends(
+        &self,
+        rows: Range<usize>,
+        (ho, wo, c): (usize, usize, usize),
+        dst: &mut Vec<[*const f32; 2]>,
+    ) {
+        dst.clear();
+        if self.residual.is_none() && self.upsampled.is_none() {
+            return;
+        }
+        let (mut image, mut y, mut x) = (
+            rows.start / (ho * wo),
+            rows.start / wo % ho,
+            rows.start % wo,
+        );
+        for r in rows {
+            let residual = self
+                .residual
+                .map_or(std::ptr::null(), |res| res.data[r * c..].as_ptr());
+            let upsampled = self.upsampled.map_or(std::ptr::null(), |low| {
+                low.data[((image * low.h + y / 2) * low.w + x / 2) * c..].as_ptr()
+            });
+            dst.push([residual, upsampled]);
+            x += 1;
+            if x == wo {
+                (x, y) = (0, y + 1);
+                if y == ho {
+                    (y, image) = (0, image + 1);
+                }
+            }
+        }
+    }
+}
+
 /// A rectangle of the output matrix (`pixels x channels`) computed by one task.
 #[derive(Clone, Debug)]
 struct Block {
@@ -269,40 +310,24 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     let tile_rows = (TILE_FLOATS / depth).clamp(32, 512);
     let align = first.conv.weights.column_align();
     let dst = OutPtr(data.as_mut_ptr());
-    let addends = |first: usize, rows: &mut [[*const f32; 2]]| {
-        let (mut image, mut y, mut x) = (first / (ho * wo), first / wo % ho, first % wo);
-        for (r, row) in (first..).zip(rows) {
-            let residual = epilogue
-                .residual
-                .map_or(std::ptr::null(), |res| res.data[r * c_out..].as_ptr());
-            let upsampled = epilogue.upsampled.map_or(std::ptr::null(), |low| {
-                low.data[((image * low.h + y / 2) * low.w + x / 2) * c_out..].as_ptr()
-            });
-            *row = [residual, upsampled];
-            x += 1;
-            if x == wo {
-                (x, y) = (0, y + 1);
-                if y == ho {
-                    (y, image) = (0, image + 1);
-                }
-            }
-        }
-    };
-    let finish = Finish {
-        bias: epilogue.bias,
-        addends: &addends,
-        relu: epilogue.relu,
-    };
     // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile, whatever
     // the batch, and a thread waiting here may run other callers' work: none of it is part of
     // the feature maps this pass holds (see `crate::alloc`).
     uncounted(|| {
         let blocks = blocks(m, c_out, tile_rows, threads::available(), align);
         threads::for_each_task(blocks, |block| {
-            for (i, term) in terms.iter().enumerate() {
-                let last = i + 1 == terms.len();
-                gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
-            }
+            ADDENDS.with_borrow_mut(|addends| {
+                epilogue.locate_addends(block.rows.clone(), (ho, wo, c_out), addends);
+                let finish = Finish {
+                    bias: epilogue.bias,
+                    addends,
+                    relu: epilogue.relu,
+                };
+                for (i, term) in terms.iter().enumerate() {
+                    let last = i + 1 == terms.len();
+                    gemm_block(term, &block, dst, c_out, i > 0, last.then_some(&finish));
+                }
+            })
         })
     });
     // SAFETY: the blocks cover the output once and each one's first term stores every value
@@ -428,11 +453,12 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
             lda: c,
         });
     }
-    let starts = |row: usize, dst: &mut [*const f32]| {
-        let (mut image, mut oy, mut ox) = (row / (ho * wo), row / wo % ho, row % wo);
-        let mut line = band_start(image) + (oy - lines(image).start) * line_len;
-        for start in dst {
-            *start = band[line + ox * c..].as_ptr();
+    STARTS.with_borrow_mut(|starts| {
+        starts.clear();
+        let (mut image, mut oy, mut ox) = (first_image, first_line, first % wo);
+        let mut line = (oy - lines(image).start) * line_len;
+        for _ in rows {
+            starts.push(band[line + ox * c..].as_ptr());
             ox += 1;
             if ox == wo {
                 (ox, oy) = (0, oy + 1);
@@ -443,12 +469,12 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
                 }
             }
         }
-    };
-    let taps = conv.tap_offsets(w + 2 * pad);
-    run(Lhs::Taps {
-        starts: &starts,
-        taps: &taps,
-    });
+        let taps = conv.tap_offsets(w + 2 * pad);
+        run(Lhs::Taps {
+            starts,
+            taps: &taps,
+        });
+    })
 }
 
 #[cfg(test)]

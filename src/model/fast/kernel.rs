@@ -100,10 +100,9 @@ fn panel_len(k: usize, width: usize) -> usize {
 /// What the store adds: per-column bias, and per-row addend rows, then ReLU.
 pub struct Finish<'a> {
     pub bias: &'a [f32],
-    /// `addends(first, rows)` fills the addend rows of output rows `first..first + rows.len()`
-    /// (pointers to the row's column 0, `null` for none); a strip at a time, so the caller
-    /// locates the first row and steps from there.
-    pub addends: &'a (dyn Fn(usize, &mut [[*const f32; 2]]) + Sync),
+    /// The addend rows of each of the call's output rows (pointers to the row's column 0,
+    /// `null` for none), located once per call; empty where no row has any.
+    pub addends: &'a [[*const f32; 2]],
     pub relu: bool,
 }
 
@@ -144,11 +143,10 @@ pub enum Lhs<'a> {
     /// `rows.len()` rows of `b.k` floats, `lda` apart, the first at `a`.
     Rows { a: *const f32, lda: usize },
     /// Not stored as rows (AVX-512 kernel only): K is `taps.len()` equal segments, segment `t`
-    /// of output row `r` at `start(r) + taps[t]`, where `starts(first, dst)` fills `dst` with
-    /// the starts of rows `first..first + dst.len()`. A stride-1 convolution reads its input in
-    /// place this way, one segment per kernel tap.
+    /// of the call's `i`-th output row at `starts[i] + taps[t]`. A stride-1 convolution reads
+    /// its input in place this way, one segment per kernel tap.
     Taps {
-        starts: &'a (dyn Fn(usize, &mut [*const f32]) + Sync),
+        starts: &'a [*const f32],
         taps: &'a [usize],
     },
 }
@@ -228,25 +226,21 @@ unsafe fn finish_block_avx512(g: &Gemm, f: &Finish) {
 #[inline(always)]
 unsafe fn finish_block(g: &Gemm, f: &Finish) {
     let (cols, c, ldc) = (&g.cols, g.c, g.ldc);
-    // Addend rows are located a strip at a time, as the micro-kernel's store does.
-    let mut addends = [[std::ptr::null(); 2]; MR];
-    for first in g.rows.clone().step_by(MR) {
-        let strip = &mut addends[..MR.min(g.rows.end - first)];
-        (f.addends)(first, strip);
-        for (r, row_addends) in (first..).zip(strip.iter()) {
-            let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
-            if !f.bias.is_empty() {
-                add(row, &f.bias[cols.clone()]);
-            }
-            for addend in row_addends.iter().filter(|p| !p.is_null()) {
+    for (i, r) in g.rows.clone().enumerate() {
+        let row = std::slice::from_raw_parts_mut(c.add(r * ldc + cols.start), cols.len());
+        if !f.bias.is_empty() {
+            add(row, &f.bias[cols.clone()]);
+        }
+        for addend in f.addends.get(i).into_iter().flatten() {
+            if !addend.is_null() {
                 add(
                     row,
                     std::slice::from_raw_parts(addend.add(cols.start), cols.len()),
                 );
             }
-            if f.relu {
-                row.iter_mut().for_each(|v| *v = v.max(0.));
-            }
+        }
+        if f.relu {
+            row.iter_mut().for_each(|v| *v = v.max(0.));
         }
     }
 }
@@ -298,13 +292,17 @@ mod avx512 {
                 for r0 in rows.clone().step_by(MR) {
                     let strip = MR.min(rows.end - r0);
                     let mut a_rows = [std::ptr::null(); MR];
+                    // The strip's first row, counted from the call's first.
+                    let at = r0 - rows.start;
                     match a {
                         Lhs::Rows { a, lda } => {
                             for (i, row) in a_rows[..strip].iter_mut().enumerate() {
-                                *row = a.add((r0 - rows.start + i) * lda);
+                                *row = a.add((at + i) * lda);
                             }
                         }
-                        Lhs::Taps { starts, .. } => starts(r0, &mut a_rows[..strip]),
+                        Lhs::Taps { starts, .. } => {
+                            a_rows[..strip].copy_from_slice(&starts[at..at + strip])
+                        }
                     }
                     for p in first..(first + group).min(panels.end) {
                         let col0 = p * w;
@@ -316,7 +314,7 @@ mod avx512 {
                             relu: false,
                         };
                         if let (true, Some(f)) = (last_chunk, finish) {
-                            store.finish(f, r0, strip, col0);
+                            store.finish(f, at, strip, col0);
                         }
                         let tile = Tile {
                             taps: chunk_taps,
@@ -344,15 +342,17 @@ mod avx512 {
     }
 
     impl Store {
-        /// Takes the epilogue of rows `r0..r0 + strip`, columns from `col0`.
-        unsafe fn finish(&mut self, f: &Finish, r0: usize, strip: usize, col0: usize) {
+        /// Takes the epilogue of the call's rows `first..first + strip`, columns from `col0`.
+        unsafe fn finish(&mut self, f: &Finish, first: usize, strip: usize, col0: usize) {
             if !f.bias.is_empty() {
                 self.bias = f.bias.as_ptr().add(col0);
             }
-            let rows = &mut self.addends[..strip];
-            (f.addends)(r0, rows);
-            for p in rows.iter_mut().flatten().filter(|p| !p.is_null()) {
-                *p = p.add(col0);
+            if !f.addends.is_empty() {
+                let rows = &mut self.addends[..strip];
+                rows.copy_from_slice(&f.addends[first..first + strip]);
+                for p in rows.iter_mut().flatten().filter(|p| !p.is_null()) {
+                    *p = p.add(col0);
+                }
             }
             self.relu = f.relu;
         }
