@@ -66,6 +66,28 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+/// Tells glibc's malloc to keep freed feature maps for reuse instead of handing them back to
+/// the kernel: by default it maps every block over 128 KiB afresh and trims the heap's free top,
+/// so each pass page-faults its maps in again (resnet20 at batch 32 spent ~10% of its time
+/// there, oct-resnet20 ~20%: BENCHMARKS.md). Blocks up to 32 MiB (glibc's most) now come from
+/// the heap, and up to 256 MiB of free heap is kept. `MALLOC_MMAP_THRESHOLD_` or
+/// `MALLOC_TRIM_THRESHOLD_` in the environment wins over this.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let set = |var: &str| std::env::var_os(var).is_some();
+        // SAFETY: mallopt only changes the allocator's thresholds; called before any thread.
+        unsafe {
+            if !set("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            }
+            if !set("MALLOC_TRIM_THRESHOLD_") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+            }
+        }
+    }
+}
+
 /// Runs `f` and returns its result with the peak bytes it held on this thread above what was
 /// live when it started.
 ///

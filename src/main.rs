@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    octserve::alloc::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         // candle and gemm size their thread pools from this variable on first use.
