@@ -158,6 +158,9 @@ pub struct Term<'a> {
     /// The convolution reads `avg_pool2x2(input)`, pooled line by line as it reads it (no
     /// pooled map): only where `conv.reads_pooled()`.
     pub pooled: bool,
+    /// The channels of `avg_pool2x2(appended)`, read after the input's at every pixel: two
+    /// convolutions of one output grid as one over the stacked channels (see [`Term::joint`]).
+    pub appended: Option<&'a Map>,
 }
 
 impl<'a> Term<'a> {
@@ -167,6 +170,20 @@ impl<'a> Term<'a> {
             conv,
             input,
             pooled: false,
+            appended: None,
+        }
+    }
+
+    /// `conv(cat(input, avg_pool2x2(appended)))` over channels, `input` pooled too where
+    /// `pooled`: an octave layer's L->L and H->L convolutions as one GEMM with their kernels
+    /// stacked, read in one pass over one band of lines. Only where `conv.reads_pooled()`.
+    pub fn joint(conv: &'a PackedConv, input: &'a Map, pooled: bool, appended: &'a Map) -> Self {
+        assert!(conv.reads_pooled(), "a joint term is read line by line");
+        Self {
+            conv,
+            input,
+            pooled,
+            appended: Some(appended),
         }
     }
 
@@ -178,6 +195,7 @@ impl<'a> Term<'a> {
                 conv,
                 input,
                 pooled: true,
+                appended: None,
             };
         }
         Self::of(conv, store.insert(avg_pool2x2(input)))
@@ -301,7 +319,11 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
             (n, ho, wo, c_out),
             "octave terms must produce the same output grid"
         );
-        assert_eq!(t.input.c, t.conv.c_in, "input channels");
+        let appended = t.appended.map_or(0, |a| {
+            assert_eq!((halved(a.h), halved(a.w)), t.grid(), "appended grid");
+            a.c
+        });
+        assert_eq!(t.input.c + appended, t.conv.c_in, "input channels");
         assert!(!t.pooled || t.conv.reads_pooled(), "pooled on read");
     }
     let m = n * ho * wo;
@@ -370,12 +392,13 @@ fn gemm_block(
             })
         }
     };
-    if conv.reads_input_directly() && !term.pooled {
+    let read_as_is = !term.pooled && term.appended.is_none();
+    if conv.reads_input_directly() && read_as_is {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
         return run(Lhs::Rows { a, lda: depth });
     }
     PATCHES.with_borrow_mut(|scratch| {
-        if conv.reads_taps() || term.pooled {
+        if conv.reads_taps() || !read_as_is {
             return tap_block(term, block.rows.clone(), scratch, run);
         }
         let len = block.rows.len() * depth;
@@ -390,13 +413,40 @@ fn gemm_block(
     });
 }
 
+/// Line `y` of image `image` of what `term`'s convolution reads, into `dst`: the input's line
+/// (pooled if the term pools), with the pooled appended map's channels after each pixel's.
+fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32], stacked: &mut Vec<f32>) {
+    let x = term.input;
+    let own = |dst: &mut [f32]| {
+        if term.pooled {
+            pooled_line(x, image, y, dst);
+        } else {
+            let start = (image * x.h + y) * x.w * x.c;
+            dst.copy_from_slice(&x.data[start..start + dst.len()]);
+        }
+    };
+    let Some(appended) = term.appended else {
+        return own(dst);
+    };
+    let pixels = dst.len() / (x.c + appended.c);
+    stacked.resize(dst.len(), 0.);
+    let (first, second) = stacked.split_at_mut(pixels * x.c);
+    own(first);
+    pooled_line(appended, image, y, second);
+    let pairs = first.chunks_exact(x.c).zip(second.chunks_exact(appended.c));
+    for (pixel, (a, b)) in dst.chunks_exact_mut(x.c + appended.c).zip(pairs) {
+        pixel[..x.c].copy_from_slice(a);
+        pixel[x.c..].copy_from_slice(b);
+    }
+}
+
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
-/// are copied once (or pooled, for a pooled term), with zero borders, into `band`, where tap
+/// are copied once (or pooled, or stacked, as the term reads them), with zero borders, into `band`, where tap
 /// `(ky, kx)` of every output pixel is the same step from the pixel's start; `run` multiplies
 /// them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band is plain
 /// rows, which either back end reads.
 fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(Lhs)) {
-    let (conv, x) = (term.conv, term.input);
+    let conv = term.conv;
     let (h, w) = term.grid();
     let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
     let (ho, wo) = (conv.out_len(h), conv.out_len(w));
@@ -424,6 +474,7 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
     if band.len() < len {
         band.resize(len, 0.);
     }
+    let mut stacked = Vec::new();
     for image in first_image..=last_image {
         let (lines, start) = (lines(image), band_start(image));
         let band_lines =
@@ -434,13 +485,13 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
                 continue;
             }
             let (border, inner) = (pad * c, w * c);
-            let line = &mut dst[border..border + inner];
-            if term.pooled {
-                pooled_line(x, image, y as usize, line);
-            } else {
-                let src = (image * h + y as usize) * inner;
-                line.copy_from_slice(&x.data[src..src + inner]);
-            }
+            read_line(
+                term,
+                image,
+                y as usize,
+                &mut dst[border..border + inner],
+                &mut stacked,
+            );
             dst[..border].fill(0.);
             dst[border + inner..].fill(0.);
         }
@@ -582,18 +633,7 @@ mod tests {
             for kernel in kernels() {
                 let pa = packed(&wa, c_out, c_a, 3, stride, 1, kernel);
                 let pb = packed(&wb, c_out, 3, 1, stride, 0, kernel);
-                let terms = [
-                    Term {
-                        conv: &pa,
-                        input: &a,
-                        pooled: false,
-                    },
-                    Term {
-                        conv: &pb,
-                        input: &b,
-                        pooled: false,
-                    },
-                ];
+                let terms = [Term::of(&pa, &a), Term::of(&pb, &b)];
                 let out = conv_sum(&terms, &epilogue);
                 assert_eq!((out.n, out.h, out.w, out.c), (n, ho, wo, c_out));
                 for (i, &got) in out.data.iter().enumerate() {
@@ -625,11 +665,7 @@ mod tests {
             assert!(conv.reads_taps());
             let want = naive(&x, &weight, c_out, 3, 1, 1);
             let mut out = vec![f32::NAN; n * h * w * c_out];
-            let term = Term {
-                conv: &conv,
-                input: &x,
-                pooled: false,
-            };
+            let term = Term::of(&conv, &x);
             for rows in [0..3, 3..17, 17..61, 61..90] {
                 let block = Block {
                     rows,
@@ -667,6 +703,59 @@ mod tests {
                         (g - w).abs() < 1e-4,
                         "{kernel:?} {k}x{k}->{c_out} [{i}]: {g} vs {w}"
                     );
+                }
+            }
+        }
+    }
+
+    /// A joint term (two inputs' channels stacked, the second pooled on read, the first as is
+    /// or pooled) equals the sum of the two convolutions it stacks: an octave layer's L->L and
+    /// H->L at stride 1 and 2, with odd high sizes and unequal channel counts.
+    #[test]
+    fn joint_terms_equal_the_sum_of_the_stacked_convolutions() {
+        let (c_low, c_high) = (6, 4);
+        let high = map(2, 9, 7, c_high, 3);
+        for (pooled, low) in [
+            (false, map(2, 5, 4, c_low, 1)),
+            (true, map(2, 10, 8, c_low, 1)),
+        ] {
+            let low_read = if pooled {
+                avg_pool2x2(&low)
+            } else {
+                low.clone()
+            };
+            for kernel in kernels() {
+                for (k, pad, c_out) in [(3, 1, 8), (3, 1, 40), (1, 0, 8), (1, 0, 40)] {
+                    let (w_low, w_high) = (
+                        values(c_out * c_low * k * k, 2),
+                        values(c_out * c_high * k * k, 5),
+                    );
+                    let per_out = |w: &[f32], c: usize| {
+                        w.chunks(c * k * k).map(<[f32]>::to_vec).collect::<Vec<_>>()
+                    };
+                    let stacked: Vec<f32> = per_out(&w_low, c_low)
+                        .into_iter()
+                        .zip(per_out(&w_high, c_high))
+                        .flat_map(|(a, b)| [a, b].concat())
+                        .collect();
+                    let conv = packed(&stacked, c_out, c_low + c_high, k, 1, pad, kernel);
+                    if !conv.reads_pooled() {
+                        continue; // joint terms are built only where the conv reads lines
+                    }
+                    let got = conv_sum(
+                        &[Term::joint(&conv, &low, pooled, &high)],
+                        &Epilogue::default(),
+                    );
+                    let want_low = naive(&low_read, &w_low, c_out, k, 1, pad);
+                    let want_high = naive(&avg_pool2x2(&high), &w_high, c_out, k, 1, pad);
+                    assert_eq!((got.n, got.h, got.w, got.c), (2, 5, 4, c_out));
+                    for (i, g) in got.data.iter().enumerate() {
+                        let w = want_low.data[i] + want_high.data[i];
+                        assert!(
+                            (g - w).abs() < 1e-4,
+                            "{kernel:?} pooled {pooled} {k}x{k}->{c_out} [{i}]: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }

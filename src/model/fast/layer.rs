@@ -1,7 +1,7 @@
 //! One BatchNorm-folded conv unit of either network on the fast path: a vanilla conv is the
 //! octave case with only the H->H convolution.
 
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 
 use super::conv::{conv_sum, Epilogue, PackedConv, Term};
 use super::map::{avg_pool2x2, Map};
@@ -31,6 +31,10 @@ pub struct FastLayer {
     h2l: Option<PackedConv>,
     l2h: Option<PackedConv>,
     l2l: Option<PackedConv>,
+    /// L->L and H->L as one convolution over the low input's channels stacked with the pooled
+    /// high input's (their kernels stacked), where it reads lines; `l2l` and `h2l` are then
+    /// `None`.
+    low_joint: Option<PackedConv>,
     /// Octave stride 2: the high input is average-pooled first (the convs keep stride 1).
     pool_first: bool,
     bias_high: Vec<f32>,
@@ -50,14 +54,26 @@ impl FastLayer {
             }
             Ok(sum)
         };
+        let low_joint = match (convs.l2l, convs.h2l) {
+            (Some(l2l), Some(h2l)) => joint(l2l, h2l)?,
+            _ => None,
+        };
+        let separate_low = |c| {
+            if low_joint.is_some() {
+                Ok(None)
+            } else {
+                pack(c)
+            }
+        };
         Ok(Self {
             name: name.to_string(),
             bias_high: bias(convs.h2h, convs.l2h)?,
             bias_low: bias(convs.h2l, convs.l2l)?,
             h2h: pack(convs.h2h)?,
-            h2l: pack(convs.h2l)?,
+            h2l: separate_low(convs.h2l)?,
             l2h: pack(convs.l2h)?,
-            l2l: pack(convs.l2l)?,
+            l2l: separate_low(convs.l2l)?,
+            low_joint,
             pool_first,
             relu,
         })
@@ -113,6 +129,9 @@ impl FastLayer {
     ) -> Option<Map> {
         let (mut pooled_low, mut twice_pooled) = (None, None);
         let mut terms = Vec::with_capacity(2);
+        if let (Some(conv), Some(x)) = (&self.low_joint, x_low) {
+            terms.push(Term::joint(conv, x, self.pool_first, high_in));
+        }
         if let (Some(conv), Some(x)) = (&self.l2l, x_low) {
             terms.push(if self.pool_first {
                 Term::pooled(conv, x, &mut pooled_low)
@@ -136,6 +155,29 @@ impl FastLayer {
             },
         ))
     }
+}
+
+/// `l2l` and `h2l` as one convolution over stacked input channels, where both have the same
+/// geometry and the stacked one reads its input line by line (so it can stack the lines).
+fn joint(l2l: &Conv2d, h2l: &Conv2d) -> Result<Option<PackedConv>> {
+    let geometry = |c: &Conv2d| {
+        (
+            c.weight().dims().to_vec(),
+            c.stride(),
+            c.padding(),
+            c.groups(),
+        )
+    };
+    let (mut a, mut b) = (geometry(l2l), geometry(h2l));
+    // Input channels may differ (alpha != 0.5); the rest must not.
+    a.0[1] = 0;
+    b.0[1] = 0;
+    if a != b || a.3 != 1 {
+        return Ok(None);
+    }
+    let weight = Tensor::cat(&[l2l.weight(), h2l.weight()], 1)?;
+    let conv = PackedConv::new(&weight, l2l.stride(), l2l.padding())?;
+    Ok(conv.reads_pooled().then_some(conv))
 }
 
 fn packed(conv: &Conv2d) -> Result<PackedConv> {

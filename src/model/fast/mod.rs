@@ -161,11 +161,7 @@ impl FastNet {
             c: x.high.c,
             data: pooled,
         };
-        let term = Term {
-            conv: &self.fc,
-            input: &features,
-            pooled: false,
-        };
+        let term = Term::of(&self.fc, &features);
         let epilogue = Epilogue {
             bias: &self.fc_bias,
             ..Epilogue::default()
