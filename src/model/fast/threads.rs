@@ -55,13 +55,18 @@ pub fn shares(images: usize) -> Option<Vec<Range<usize>>> {
 /// Runs `pass` on each share, each on its own pool thread with its operations kept there;
 /// returns the results in order.
 pub fn shared_out<S: Send, R: Send>(shares: Vec<S>, pass: impl Fn(S) -> R + Sync) -> Vec<R> {
+    /// Restores the thread's setting, also when the pass panics (the pool thread lives on).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.set(self.0);
+        }
+    }
     shares
         .into_par_iter()
         .map(|share| {
-            let before = ALONE.replace(true);
-            let out = pass(share);
-            ALONE.set(before);
-            out
+            let _restore = Restore(ALONE.replace(true));
+            pass(share)
         })
         .collect()
 }
