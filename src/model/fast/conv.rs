@@ -441,9 +441,9 @@ fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32], stacked: &mut
 }
 
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
-/// are copied once (or pooled, or stacked, as the term reads them), with zero borders, into `band`, where tap
-/// `(ky, kx)` of every output pixel is the same step from the pixel's start; `run` multiplies
-/// them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band is plain
+/// are copied once (pooled or stacked as the term reads them), with zero borders, into `band`,
+/// where tap `(ky, kx)` of every output pixel is the same step from the pixel's start; `run`
+/// multiplies them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band is plain
 /// rows, which either back end reads.
 fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(Lhs)) {
     let conv = term.conv;
