@@ -131,16 +131,17 @@ impl FastLayer {
         let mut terms = Vec::with_capacity(2);
         if let (Some(conv), Some(x)) = (&self.low_joint, x_low) {
             terms.push(Term::joint(conv, x, self.pool_first, high_in));
-        }
-        if let (Some(conv), Some(x)) = (&self.l2l, x_low) {
-            terms.push(if self.pool_first {
-                Term::pooled(conv, x, &mut pooled_low)
-            } else {
-                Term::of(conv, x)
-            });
-        }
-        if let Some(conv) = &self.h2l {
-            terms.push(Term::pooled(conv, high_in, &mut twice_pooled));
+        } else {
+            if let (Some(conv), Some(x)) = (&self.l2l, x_low) {
+                terms.push(if self.pool_first {
+                    Term::pooled(conv, x, &mut pooled_low)
+                } else {
+                    Term::of(conv, x)
+                });
+            }
+            if let Some(conv) = &self.h2l {
+                terms.push(Term::pooled(conv, high_in, &mut twice_pooled));
+            }
         }
         if terms.is_empty() {
             return None;
@@ -160,19 +161,19 @@ impl FastLayer {
 /// `l2l` and `h2l` as one convolution over stacked input channels, where both have the same
 /// geometry and the stacked one reads its input line by line (so it can stack the lines).
 fn joint(l2l: &Conv2d, h2l: &Conv2d) -> Result<Option<PackedConv>> {
+    // Everything but the input channels (which differ where alpha != 0.5) must agree.
     let geometry = |c: &Conv2d| {
+        let dims = c.weight().dims();
         (
-            c.weight().dims().to_vec(),
+            dims[0],
+            dims[2],
+            dims[3],
             c.stride(),
             c.padding(),
             c.groups(),
         )
     };
-    let (mut a, mut b) = (geometry(l2l), geometry(h2l));
-    // Input channels may differ (alpha != 0.5); the rest must not.
-    a.0[1] = 0;
-    b.0[1] = 0;
-    if a != b || a.3 != 1 {
+    if geometry(l2l) != geometry(h2l) || l2l.groups() != 1 {
         return Ok(None);
     }
     let weight = Tensor::cat(&[l2l.weight(), h2l.weight()], 1)?;
