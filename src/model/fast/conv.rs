@@ -552,13 +552,8 @@ mod tests {
     }
 
     /// Every GEMM back end this CPU has.
-    fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            kernels.push(Kernel::Avx512);
-        }
-        kernels
+    fn kernels() -> &'static [Kernel] {
+        Kernel::available()
     }
 
     /// Direct convolution from PyTorch-layout weights, the definition itself.
@@ -607,7 +602,7 @@ mod tests {
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
     /// and column tails, through every kernel this CPU has: equal to the direct definition.
-    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, AVX-512),
+    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, micro-kernels),
     /// on plain and paired panels.
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
@@ -630,7 +625,7 @@ mod tests {
                 upsampled: Some(&low),
                 relu: true,
             };
-            for kernel in kernels() {
+            for &kernel in kernels() {
                 let pa = packed(&wa, c_out, c_a, 3, stride, 1, kernel);
                 let pb = packed(&wb, c_out, 3, 1, stride, 0, kernel);
                 let terms = [Term::of(&pa, &a), Term::of(&pb, &b)];
@@ -651,17 +646,15 @@ mod tests {
     }
 
     /// Taps read in place give the direct convolution on blocks that start and end inside a
-    /// line and span images, for plain and paired panels.
+    /// line and span images, on every micro-kernel, for plain and paired panels.
     #[test]
     fn tap_reads_match_the_direct_convolution_on_any_block() {
-        if !kernels().contains(&Kernel::Avx512) {
-            return; // taps are read on the AVX-512 kernel only
-        }
         let (n, h, w, c_in) = (3, 6, 5, 4);
         let x = map(n, h, w, c_in, 1);
-        for c_out in [8, 16, 24] {
+        let micro_kernels = kernels().iter().filter(|&&k| k != Kernel::Portable);
+        for (&kernel, c_out) in micro_kernels.flat_map(|k| [(k, 8), (k, 16), (k, 24)]) {
             let weight = values(c_out * c_in * 9, 2);
-            let conv = packed(&weight, c_out, c_in, 3, 1, 1, Kernel::Avx512);
+            let conv = packed(&weight, c_out, c_in, 3, 1, 1, kernel);
             assert!(conv.reads_taps());
             let want = naive(&x, &weight, c_out, 3, 1, 1);
             let mut out = vec![f32::NAN; n * h * w * c_out];
@@ -674,7 +667,10 @@ mod tests {
                 gemm_block(&term, &block, OutPtr(out.as_mut_ptr()), c_out, false, None);
             }
             for (i, (got, want)) in out.iter().zip(&want.data).enumerate() {
-                assert!((got - want).abs() < 1e-4, "{c_out} [{i}]: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{kernel:?} {c_out} [{i}]: {got} vs {want}"
+                );
             }
         }
     }
@@ -685,7 +681,7 @@ mod tests {
     fn pooled_terms_equal_convolving_the_pooled_map() {
         let x = map(3, 9, 7, 6, 1);
         let pooled = avg_pool2x2(&x);
-        for kernel in kernels() {
+        for &kernel in kernels() {
             for (k, pad, c_out) in [(3, 1, 8), (3, 1, 40), (1, 0, 8), (1, 0, 40)] {
                 let weight = values(c_out * 6 * k * k, 2);
                 let conv = packed(&weight, c_out, 6, k, 1, pad, kernel);
@@ -724,7 +720,7 @@ mod tests {
             } else {
                 low.clone()
             };
-            for kernel in kernels() {
+            for &kernel in kernels() {
                 for (k, pad, c_out) in [(3, 1, 8), (3, 1, 40), (1, 0, 8), (1, 0, 40)] {
                     let (w_low, w_high) = (
                         values(c_out * c_low * k * k, 2),

@@ -1,0 +1,150 @@
+//! The micro-kernels for 16-lane registers (AVX-512F).
+
+use std::arch::x86_64::*;
+
+use super::tiled::{Store, Tile};
+
+/// One strip of `strip` rows times a panel: 32 columns in two registers per row, or 8 or 16
+/// columns on paired panels.
+pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile, s: &Store) {
+    macro_rules! call {
+        ($($rows:literal)*) => {
+            match (strip, panel_width, pairs) {
+                $(
+                    ($rows, 32, _) => micro::<$rows, 2>(t, s),
+                    ($rows, 16, true) => micro_pairs::<$rows, 2>(t, s),
+                    ($rows, 8, true) => micro_pairs::<$rows, 1>(t, s),
+                    ($rows, _, _) => micro::<$rows, 1>(t, s),
+                )*
+                _ => unreachable!("strips have 1..=MR rows"),
+            }
+        };
+    }
+    call!(1 2 3 4 5 6 7 8)
+}
+
+/// `ROWS x (16 * NV)` of C from `kc` steps of A (broadcast) times the panel (loaded).
+#[target_feature(enable = "avx512f")]
+unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+    let Tile {
+        taps,
+        seg,
+        a,
+        mut b,
+        c,
+        ldc,
+    } = *t;
+    let mut masks = [0u16; NV];
+    for (v, m) in masks.iter_mut().enumerate() {
+        let real = s.width.saturating_sub(16 * v).min(16);
+        *m = ((1u32 << real) - 1) as u16;
+    }
+    let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+    if s.load_c {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
+            }
+        }
+    }
+    for &tap in taps {
+        for k in tap..tap + seg {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(b.add((k - tap) * 16 * NV + 16 * v));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a[i].add(k));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+                }
+            }
+        }
+        b = b.add(seg * 16 * NV);
+    }
+    for (i, row) in acc.iter_mut().enumerate() {
+        for (v, x) in row.iter_mut().enumerate() {
+            store(*x, masks[v], s, i, 16 * v, c.add(i * ldc + 16 * v));
+        }
+    }
+}
+
+/// Stores `y`, columns `col..` of strip row `i` in lanes `m`, at `dst` after the store's
+/// epilogue (bias, the row's addends, ReLU).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store(mut y: __m512, m: u16, s: &Store, i: usize, col: usize, dst: *mut f32) {
+    if !s.bias.is_null() {
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, s.bias.add(col)));
+    }
+    for addend in s.addends[i] {
+        if !addend.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, addend.add(col)));
+        }
+    }
+    if s.relu {
+        y = _mm512_max_ps(y, _mm512_setzero_ps());
+    }
+    _mm512_mask_storeu_ps(dst, m, y);
+}
+
+/// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
+/// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
+/// halves are summed when stored.
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+    let Tile {
+        taps,
+        seg,
+        a,
+        mut b,
+        c,
+        ldc,
+    } = *t;
+    let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
+    // One paired K step `kp`, with `$a(i)` the A register of row `i`.
+    macro_rules! step {
+        ($kp:expr, $a:expr) => {{
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(b.add(($kp * NV + v) * 16));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = $a(i);
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+                }
+            }
+        }};
+    }
+    for &tap in taps {
+        for kp in 0..seg / 2 {
+            step!(kp, |i: usize| {
+                let pair = a[i].add(tap + 2 * kp).cast::<f64>().read_unaligned();
+                _mm512_castpd_ps(_mm512_set1_pd(pair))
+            });
+        }
+        if seg % 2 == 1 {
+            // The last, unpaired step of K (segments are even where there are several):
+            // its partner lanes get 0 (the panel's padding row is 0).
+            step!(seg / 2, |i: usize| {
+                _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a[i].add(tap + seg - 1)))
+            });
+        }
+        b = b.add(seg / 2 * 16 * NV);
+    }
+    let even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (i, row) in acc.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            let real = s.width.saturating_sub(8 * v).min(8);
+            let m = ((1u32 << real) - 1) as u16;
+            let sum = _mm512_add_ps(x, _mm512_permute_ps::<0b1011_0001>(x));
+            let mut y = _mm512_permutexvar_ps(even_lanes, sum);
+            let dst = c.add(i * ldc + 8 * v);
+            if s.load_c {
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, dst));
+            }
+            store(y, m, s, i, 8 * v, dst);
+        }
+    }
+}

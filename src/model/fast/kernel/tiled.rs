@@ -1,0 +1,147 @@
+//! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of `MR` rows
+//! kept in L1, and each micro-tile's epilogue.
+
+use super::{avx2, avx512, Finish, Gemm, Kernel, Lhs};
+
+/// Rows per micro-kernel call.
+pub const MR: usize = 8;
+/// Depth of one K chunk: a row strip's chunk is 8 KiB of L1.
+const KC: usize = 256;
+/// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
+const GROUP_FLOATS: usize = 1 << 16;
+
+/// Runs `g` on the micro-kernel its panels were packed for (see [`super::gemm`]).
+pub unsafe fn gemm(g: &Gemm) {
+    let Gemm {
+        a,
+        ref rows,
+        b,
+        ref cols,
+        c,
+        ldc,
+        accumulate,
+        finish,
+    } = *g;
+    let w = b.width;
+    let panels = cols.start / w..cols.end.div_ceil(w);
+    // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
+    let (seg, chunk) = match a {
+        Lhs::Taps { taps, .. } => {
+            let seg = b.k / taps.len();
+            debug_assert!(seg * taps.len() == b.k && b.takes_taps(seg));
+            (seg, (KC / seg).max(1) * seg)
+        }
+        Lhs::Rows { .. } => (b.k, KC),
+    };
+    for k0 in (0..b.k).step_by(chunk) {
+        let kc = chunk.min(b.k - k0);
+        let last_chunk = k0 + kc == b.k;
+        let rows_from_k0 = [k0];
+        // This chunk's segments of A: its taps, or the rows' K steps from `k0` as one.
+        let (chunk_taps, chunk_seg) = match a {
+            Lhs::Taps { taps, .. } => (&taps[k0 / seg..(k0 + kc) / seg], seg),
+            Lhs::Rows { .. } => (&rows_from_k0[..], kc),
+        };
+        // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
+        // group's first panel, passes over all of them.
+        let group = (GROUP_FLOATS / (kc * w)).max(1);
+        for first in panels.clone().step_by(group) {
+            for r0 in rows.clone().step_by(MR) {
+                let strip = MR.min(rows.end - r0);
+                let mut a_rows = [std::ptr::null(); MR];
+                // The strip's first row, counted from the call's first.
+                let at = r0 - rows.start;
+                match a {
+                    Lhs::Rows { a, lda } => {
+                        for (i, row) in a_rows[..strip].iter_mut().enumerate() {
+                            *row = a.add((at + i) * lda);
+                        }
+                    }
+                    Lhs::Taps { starts, .. } => {
+                        a_rows[..strip].copy_from_slice(&starts[at..at + strip])
+                    }
+                }
+                for p in first..(first + group).min(panels.end) {
+                    let col0 = p * w;
+                    let mut store = Store {
+                        width: w.min(b.n - col0),
+                        load_c: accumulate || k0 > 0,
+                        bias: std::ptr::null(),
+                        addends: [[std::ptr::null(); 2]; MR],
+                        relu: false,
+                    };
+                    if let (true, Some(f)) = (last_chunk, finish) {
+                        store.finish(f, at, strip, col0);
+                    }
+                    let tile = Tile {
+                        taps: chunk_taps,
+                        seg: chunk_seg,
+                        a: a_rows,
+                        b: b.panel_from(p, k0).as_ptr(),
+                        c: c.add(r0 * ldc + col0),
+                        ldc,
+                    };
+                    dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
+                }
+            }
+        }
+    }
+}
+
+/// How one micro-tile is stored.
+pub struct Store {
+    /// Real columns of the panel (the rest is padding, masked off).
+    pub width: usize,
+    /// Add to what C holds (a later K chunk, or an accumulating call).
+    pub load_c: bool,
+    /// The bias from the panel's first column, or null.
+    pub bias: *const f32,
+    /// Each strip row's addend rows from the panel's first column, or null.
+    pub addends: [[*const f32; 2]; MR],
+    pub relu: bool,
+}
+
+impl Store {
+    /// Takes the epilogue of the call's rows `first..first + strip`, columns from `col0`.
+    unsafe fn finish(&mut self, f: &Finish, first: usize, strip: usize, col0: usize) {
+        if !f.bias.is_empty() {
+            self.bias = f.bias.as_ptr().add(col0);
+        }
+        if !f.addends.is_empty() {
+            let rows = &mut self.addends[..strip];
+            rows.copy_from_slice(&f.addends[first..first + strip]);
+            for p in rows.iter_mut().flatten().filter(|p| !p.is_null()) {
+                *p = p.add(col0);
+            }
+        }
+        self.relu = f.relu;
+    }
+}
+
+/// One micro-kernel call's operands: A's rows (starting at `a`) in segments of `seg` steps
+/// at offsets `taps`, times as many steps of the panel chunk `b`, into C at `c` (rows `ldc`
+/// apart).
+#[derive(Clone, Copy)]
+pub struct Tile<'a> {
+    pub taps: &'a [usize],
+    pub seg: usize,
+    pub a: [*const f32; MR],
+    pub b: *const f32,
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+unsafe fn dispatch(
+    kernel: Kernel,
+    strip: usize,
+    panel_width: usize,
+    pairs: bool,
+    t: &Tile,
+    s: &Store,
+) {
+    match kernel {
+        Kernel::Avx512 => avx512::micro_tile(strip, panel_width, pairs, t, s),
+        Kernel::Avx2 => avx2::micro_tile(strip, panel_width, t, s),
+        Kernel::Portable => unreachable!("the gemm crate has its own tiling"),
+    }
+}
