@@ -415,29 +415,26 @@ fn gemm_block(
 
 /// Line `y` of image `image` of what `term`'s convolution reads, into `dst`: the input's line
 /// (pooled if the term pools), with the pooled appended map's channels after each pixel's.
-fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32], stacked: &mut Vec<f32>) {
+fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32]) {
     let x = term.input;
-    let own = |dst: &mut [f32]| {
-        if term.pooled {
-            pooled_line(x, image, y, dst);
+    let Some(appended) = term.appended else {
+        return if term.pooled {
+            pooled_line(x, image, y, dst, x.c)
         } else {
             let start = (image * x.h + y) * x.w * x.c;
             dst.copy_from_slice(&x.data[start..start + dst.len()]);
+        };
+    };
+    let stride = x.c + appended.c;
+    if term.pooled {
+        pooled_line(x, image, y, dst, stride);
+    } else {
+        let line = x.data[(image * x.h + y) * x.w * x.c..].chunks_exact(x.c);
+        for (pixel, src) in dst.chunks_exact_mut(stride).zip(line) {
+            pixel[..x.c].copy_from_slice(src);
         }
-    };
-    let Some(appended) = term.appended else {
-        return own(dst);
-    };
-    let pixels = dst.len() / (x.c + appended.c);
-    stacked.resize(dst.len(), 0.);
-    let (first, second) = stacked.split_at_mut(pixels * x.c);
-    own(first);
-    pooled_line(appended, image, y, second);
-    let pairs = first.chunks_exact(x.c).zip(second.chunks_exact(appended.c));
-    for (pixel, (a, b)) in dst.chunks_exact_mut(x.c + appended.c).zip(pairs) {
-        pixel[..x.c].copy_from_slice(a);
-        pixel[x.c..].copy_from_slice(b);
     }
+    pooled_line(appended, image, y, &mut dst[x.c..], stride);
 }
 
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
@@ -474,7 +471,6 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
     if band.len() < len {
         band.resize(len, 0.);
     }
-    let mut stacked = Vec::new();
     for image in first_image..=last_image {
         let (lines, start) = (lines(image), band_start(image));
         let band_lines =
@@ -485,13 +481,7 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
                 continue;
             }
             let (border, inner) = (pad * c, w * c);
-            read_line(
-                term,
-                image,
-                y as usize,
-                &mut dst[border..border + inner],
-                &mut stacked,
-            );
+            read_line(term, image, y as usize, &mut dst[border..border + inner]);
             dst[..border].fill(0.);
             dst[border + inner..].fill(0.);
         }

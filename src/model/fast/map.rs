@@ -90,22 +90,25 @@ impl Map {
 /// (as [`crate::model::layers::avg_pool2x2`]).
 pub fn avg_pool2x2(x: &Map) -> Map {
     let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
-    out.fill_rows(|image, oy, row| pooled_line(x, image, oy, row));
+    out.fill_rows(|image, oy, row| pooled_line(x, image, oy, row, x.c));
     out
 }
 
-/// Line `oy` of image `image` of [`avg_pool2x2`]`(x)`, written over whatever `dst` held: where
-/// a convolution reads the pooled map, it pools each line it needs as it reads it.
-pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32]) {
+/// Line `oy` of image `image` of [`avg_pool2x2`]`(x)`, written over whatever `dst` held, each
+/// pixel's `x.c` channels `stride` floats after the previous one's: where a convolution reads
+/// the pooled map, it pools each line it needs as it reads it, stacked after other channels if
+/// need be.
+pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32], stride: usize) {
     let c = x.c;
+    let pixels = dst[..].chunks_mut(stride).map(|pixel| &mut pixel[..c]);
     // Whole windows in one pass over the two input rows, four pixels per output pixel.
     let whole_windows = if 2 * oy + 1 < x.h { x.w / 2 } else { 0 };
-    let (whole, cut) = dst.split_at_mut(whole_windows * c);
     let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
-    for ((dst, top), bottom) in whole
-        .chunks_exact_mut(c)
-        .zip(pairs(2 * oy))
-        .zip(pairs(2 * oy + 1))
+    let mut pixels = pixels.enumerate();
+    for ((_, dst), (top, bottom)) in pixels
+        .by_ref()
+        .take(whole_windows)
+        .zip(pairs(2 * oy).zip(pairs(2 * oy + 1)))
     {
         let ((t0, t1), (b0, b1)) = (top.split_at(c), bottom.split_at(c));
         for ((d, (a, b)), (e, f)) in dst.iter_mut().zip(t0.iter().zip(t1)).zip(b0.iter().zip(b1)) {
@@ -114,7 +117,7 @@ pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32]) {
     }
     // Windows cut by the right or bottom border: the mean of the cells they cover.
     let ys = 2 * oy..(2 * oy + 2).min(x.h);
-    for (ox, dst) in (whole_windows..).zip(cut.chunks_exact_mut(c)) {
+    for (ox, dst) in pixels {
         let xs = 2 * ox..(2 * ox + 2).min(x.w);
         let scale = 1.0 / (ys.len() * xs.len()) as f32;
         dst.fill(0.);
