@@ -7,8 +7,10 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use super::kernel::{self, Finish, Gemm, Kernel, Lhs, PackedB};
 use super::map::{avg_pool2x2, pooled_line, Map};
@@ -44,7 +46,8 @@ impl PackedConv {
     /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped), for this CPU's kernel.
     pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
         let c_out = weight.dim(0)?;
-        Self::for_kernel(weight, stride, padding, Kernel::choose(c_out, false))
+        let kernel = Kernel::choose(c_out, false, faster_for_wide);
+        Self::for_kernel(weight, stride, padding, kernel)
     }
 
     /// A classifier's `[classes, features]` weight as a 1x1 convolution over the pooled
@@ -52,7 +55,8 @@ impl PackedConv {
     pub fn linear(weight: &Tensor) -> Result<Self> {
         let classes = weight.dim(0)?;
         let as_conv = weight.unsqueeze(2)?.unsqueeze(3)?;
-        Self::for_kernel(&as_conv, 1, 0, Kernel::choose(classes, true))
+        let kernel = Kernel::choose(classes, true, faster_for_wide);
+        Self::for_kernel(&as_conv, 1, 0, kernel)
     }
 
     fn for_kernel(weight: &Tensor, stride: usize, padding: usize, gemm: Kernel) -> Result<Self> {
@@ -149,6 +153,58 @@ impl PackedConv {
             }
         }
     }
+}
+
+/// Which of our micro-kernel `ours` and the gemm crate runs wide convolutions faster on this
+/// CPU, measured once per process on three of ResNet-50's (a 3x3 at 56x56 and at 14x14, a 1x1
+/// at 14x14, one image), the back ends alternating, fastest of five each. Which wins depends on
+/// the core, not just on its vector width: on Intel's AVX-512 cores the crate's larger register
+/// tiles did, on AMD's Zen 4 ours did, taps read in place (BENCHMARKS.md).
+fn faster_for_wide(ours: Kernel) -> Kernel {
+    static FASTER: OnceLock<Kernel> = OnceLock::new();
+    *FASTER.get_or_init(|| {
+        // (side, input channels, output channels, kernel)
+        let shapes = [(56, 64, 64, 3), (14, 256, 256, 3), (14, 256, 1024, 1)];
+        let inputs = shapes.map(|(side, c, _, _)| Map {
+            n: 1,
+            h: side,
+            w: side,
+            c,
+            data: (0..side * side * c)
+                .map(|i| (i % 13) as f32 / 13.)
+                .collect(),
+        });
+        let time = |kernel: Kernel| {
+            let convs = shapes.map(|(_, c_in, c_out, k)| {
+                let weight = Tensor::full(0.01f32, (c_out, c_in, k, k), &Device::Cpu)
+                    .and_then(|w| PackedConv::for_kernel(&w, 1, k / 2, kernel));
+                weight.expect("the calibration convolutions are well-formed")
+            });
+            let start = Instant::now();
+            for (conv, input) in convs.iter().zip(&inputs) {
+                conv_sum(&[Term::of(conv, input)], &Epilogue::default());
+            }
+            start.elapsed()
+        };
+        let (mut fastest_ours, mut fastest_crate) = (Duration::MAX, Duration::MAX);
+        for _ in 0..5 {
+            fastest_ours = fastest_ours.min(time(ours));
+            fastest_crate = fastest_crate.min(time(Kernel::Portable));
+        }
+        let faster = if fastest_ours <= fastest_crate {
+            ours
+        } else {
+            Kernel::Portable
+        };
+        tracing::info!(
+            ours = ours.name(),
+            ours_ms = fastest_ours.as_secs_f64() * 1e3,
+            crate_ms = fastest_crate.as_secs_f64() * 1e3,
+            chosen = faster.name(),
+            "fast path: GEMM back end for wide convolutions"
+        );
+        faster
+    })
 }
 
 /// One summand of [`conv_sum`].

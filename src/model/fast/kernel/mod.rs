@@ -152,11 +152,11 @@ impl Kernel {
 
     /// The kernel for a weight matrix of `columns` outputs, multiplied by `few_rows` (the
     /// classifier's batch) or by a map's pixels. `OCTSERVE_GEMM=avx512`, `=avx2` or `=gemm`
-    /// forces one this CPU has. By default our micro-kernel takes every layer, except on
-    /// AVX-512, where the crate's own AVX-512 kernels were faster side by side for wide outputs
-    /// (> 32 columns) multiplied by many rows (BENCHMARKS.md). The crate's AVX2 kernels were
-    /// slower than ours on every shape but a few 1x1 convs of ResNet-50's layer1.
-    pub fn choose(columns: usize, few_rows: bool) -> Self {
+    /// forces one this CPU has. By default our micro-kernel takes narrow outputs (<= 32
+    /// columns: its paired panels have no match in the crate) and the classifier (pre-packed,
+    /// where the crate packs 8 MB per call); for wide outputs over many rows, `wide(ours)` says
+    /// which of ours and the crate's runs faster on this CPU.
+    pub fn choose(columns: usize, few_rows: bool, wide: impl FnOnce(Kernel) -> Kernel) -> Self {
         let available = Self::available();
         let forced = std::env::var("OCTSERVE_GEMM").ok();
         if let Some(kernel) = available
@@ -166,8 +166,9 @@ impl Kernel {
             return *kernel;
         }
         match available[0] {
-            Kernel::Avx512 if columns > 32 && !few_rows => Kernel::Portable,
-            best => best,
+            Kernel::Portable => Kernel::Portable,
+            ours if columns > 32 && !few_rows => wide(ours),
+            ours => ours,
         }
     }
 }
