@@ -2,6 +2,7 @@
 
 use std::arch::x86_64::*;
 
+use super::lanes::{self, Lanes, Zmm};
 use super::tiled::{Store, Tile};
 
 /// One strip of `strip` rows times a panel: 32 columns in two registers per row, or 8 or 16
@@ -23,69 +24,10 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile
     call!(1 2 3 4 5 6 7 8)
 }
 
-/// `ROWS x (16 * NV)` of C from `kc` steps of A (broadcast) times the panel (loaded).
+/// `ROWS x (16 * NV)` of the tile.
 #[target_feature(enable = "avx512f")]
 unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    let Tile {
-        taps,
-        seg,
-        a,
-        mut b,
-        c,
-        ldc,
-    } = *t;
-    let mut masks = [0u16; NV];
-    for (v, m) in masks.iter_mut().enumerate() {
-        let real = s.width.saturating_sub(16 * v).min(16);
-        *m = ((1u32 << real) - 1) as u16;
-    }
-    let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
-    if s.load_c {
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
-            }
-        }
-    }
-    for &tap in taps {
-        for k in tap..tap + seg {
-            let mut bv = [_mm512_setzero_ps(); NV];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(b.add((k - tap) * 16 * NV + 16 * v));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a[i].add(k));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(av, bv[v], *x);
-                }
-            }
-        }
-        b = b.add(seg * 16 * NV);
-    }
-    for (i, row) in acc.iter_mut().enumerate() {
-        for (v, x) in row.iter_mut().enumerate() {
-            store(*x, masks[v], s, i, 16 * v, c.add(i * ldc + 16 * v));
-        }
-    }
-}
-
-/// Stores `y`, columns `col..` of strip row `i` in lanes `m`, at `dst` after the store's
-/// epilogue (bias, the row's addends, ReLU).
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn store(mut y: __m512, m: u16, s: &Store, i: usize, col: usize, dst: *mut f32) {
-    if !s.bias.is_null() {
-        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, s.bias.add(col)));
-    }
-    for addend in s.addends[i] {
-        if !addend.is_null() {
-            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, addend.add(col)));
-        }
-    }
-    if s.relu {
-        y = _mm512_max_ps(y, _mm512_setzero_ps());
-    }
-    _mm512_mask_storeu_ps(dst, m, y);
+    lanes::micro::<Zmm, ROWS, NV>(t, s, 0)
 }
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
@@ -93,14 +35,7 @@ unsafe fn store(mut y: __m512, m: u16, s: &Store, i: usize, col: usize, dst: *mu
 /// halves are summed when stored.
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    let Tile {
-        taps,
-        seg,
-        a,
-        mut b,
-        c,
-        ldc,
-    } = *t;
+    let (taps, seg, a, mut b, c, ldc) = (t.taps, t.seg, t.a, t.b, t.c, t.ldc);
     let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
     // One paired K step `kp`, with `$a(i)` the A register of row `i`.
     macro_rules! step {
@@ -137,14 +72,13 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
     for (i, row) in acc.iter().enumerate() {
         for (v, &x) in row.iter().enumerate() {
             let real = s.width.saturating_sub(8 * v).min(8);
-            let m = ((1u32 << real) - 1) as u16;
             let sum = _mm512_add_ps(x, _mm512_permute_ps::<0b1011_0001>(x));
             let mut y = _mm512_permutexvar_ps(even_lanes, sum);
             let dst = c.add(i * ldc + 8 * v);
             if s.load_c {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, dst));
+                y = _mm512_add_ps(y, Zmm::load_first(dst, real));
             }
-            store(y, m, s, i, 8 * v, dst);
+            lanes::store::<Zmm>(y, real, s, i, 8 * v, dst);
         }
     }
 }

@@ -1,0 +1,201 @@
+//! The one multiply loop and epilogue store of every micro-kernel, over what they need of a
+//! vector register ([`Lanes`]): 16 lanes ([`Zmm`], AVX-512F) or 8 ([`Ymm`], AVX2 and FMA).
+//!
+//! Everything here is `#[inline(always)]`: it is inlined into the `#[target_feature]` kernel
+//! that calls it, and the intrinsics into it there.
+
+use std::arch::x86_64::*;
+
+use super::tiled::{Store, Tile};
+
+/// One vector register of `f32` lanes.
+pub trait Lanes {
+    type V: Copy;
+    const N: usize;
+    unsafe fn zero() -> Self::V;
+    /// `N` floats from `src`.
+    unsafe fn load(src: *const f32) -> Self::V;
+    /// `real` (0..=N) floats from `src`, then zeros, reading nothing past them.
+    unsafe fn load_first(src: *const f32, real: usize) -> Self::V;
+    /// The first `real` lanes of `y` at `dst`, writing nothing past them.
+    unsafe fn store_first(dst: *mut f32, y: Self::V, real: usize);
+    /// `*src` in every lane.
+    unsafe fn splat(src: *const f32) -> Self::V;
+    /// `a * b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn relu(y: Self::V) -> Self::V;
+}
+
+/// Strip rows `first..first + ROWS` x `N * NV` columns of C from the tile's steps of A
+/// (broadcast) times the panel (loaded).
+#[inline(always)]
+pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(
+    t: &Tile,
+    s: &Store,
+    first: usize,
+) {
+    let (taps, seg, mut b, ldc) = (t.taps, t.seg, t.b, t.ldc);
+    let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[first + i]);
+    let c = t.c.add(first * ldc);
+    let real: [usize; NV] = std::array::from_fn(|v| s.width.saturating_sub(L::N * v).min(L::N));
+    let mut acc = [[L::zero(); NV]; ROWS];
+    if s.load_c {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = L::load_first(c.add(i * ldc + L::N * v), real[v]);
+            }
+        }
+    }
+    for &tap in taps {
+        for k in tap..tap + seg {
+            let bv: [L::V; NV] =
+                std::array::from_fn(|v| L::load(b.add((k - tap) * L::N * NV + L::N * v)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = L::splat(a[i].add(k));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = L::fma(av, bv[v], *x);
+                }
+            }
+        }
+        b = b.add(seg * L::N * NV);
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            store::<L>(
+                x,
+                real[v],
+                s,
+                first + i,
+                L::N * v,
+                c.add(i * ldc + L::N * v),
+            );
+        }
+    }
+}
+
+/// Stores the first `real` lanes of `y`, columns `col..` of strip row `i`, at `dst` after the
+/// store's epilogue (bias, the row's addends, ReLU).
+#[inline(always)]
+pub unsafe fn store<L: Lanes>(
+    mut y: L::V,
+    real: usize,
+    s: &Store,
+    i: usize,
+    col: usize,
+    dst: *mut f32,
+) {
+    if real == 0 {
+        return;
+    }
+    if !s.bias.is_null() {
+        y = L::add(y, L::load_first(s.bias.add(col), real));
+    }
+    for addend in s.addends[i] {
+        if !addend.is_null() {
+            y = L::add(y, L::load_first(addend.add(col), real));
+        }
+    }
+    if s.relu {
+        y = L::relu(y);
+    }
+    L::store_first(dst, y, real);
+}
+
+/// 16 lanes, partial ones masked.
+pub struct Zmm;
+
+impl Zmm {
+    #[inline(always)]
+    fn mask(real: usize) -> u16 {
+        ((1u32 << real) - 1) as u16
+    }
+}
+
+impl Lanes for Zmm {
+    type V = __m512;
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(src: *const f32) -> __m512 {
+        _mm512_loadu_ps(src)
+    }
+    #[inline(always)]
+    unsafe fn load_first(src: *const f32, real: usize) -> __m512 {
+        _mm512_maskz_loadu_ps(Self::mask(real), src)
+    }
+    #[inline(always)]
+    unsafe fn store_first(dst: *mut f32, y: __m512, real: usize) {
+        _mm512_mask_storeu_ps(dst, Self::mask(real), y)
+    }
+    #[inline(always)]
+    unsafe fn splat(src: *const f32) -> __m512 {
+        _mm512_set1_ps(*src)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn relu(y: __m512) -> __m512 {
+        _mm512_max_ps(y, _mm512_setzero_ps())
+    }
+}
+
+/// 8 lanes; partial ones go through a stack buffer (AVX2's masked moves are slow on some
+/// CPUs).
+pub struct Ymm;
+
+impl Lanes for Ymm {
+    type V = __m256;
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(src: *const f32) -> __m256 {
+        _mm256_loadu_ps(src)
+    }
+    #[inline(always)]
+    unsafe fn load_first(src: *const f32, real: usize) -> __m256 {
+        if real == 8 {
+            return _mm256_loadu_ps(src);
+        }
+        let mut lanes = [0f32; 8];
+        std::ptr::copy_nonoverlapping(src, lanes.as_mut_ptr(), real);
+        _mm256_loadu_ps(lanes.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn store_first(dst: *mut f32, y: __m256, real: usize) {
+        if real == 8 {
+            return _mm256_storeu_ps(dst, y);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, real);
+    }
+    #[inline(always)]
+    unsafe fn splat(src: *const f32) -> __m256 {
+        _mm256_broadcast_ss(&*src)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn relu(y: __m256) -> __m256 {
+        _mm256_max_ps(y, _mm256_setzero_ps())
+    }
+}
