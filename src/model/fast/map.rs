@@ -100,11 +100,13 @@ pub fn avg_pool2x2(x: &Map) -> Map {
 /// need be.
 pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32], stride: usize) {
     let c = x.c;
-    let pixels = dst[..].chunks_mut(stride).map(|pixel| &mut pixel[..c]);
+    let mut pixels = dst
+        .chunks_mut(stride)
+        .map(|pixel| &mut pixel[..c])
+        .enumerate();
     // Whole windows in one pass over the two input rows, four pixels per output pixel.
     let whole_windows = if 2 * oy + 1 < x.h { x.w / 2 } else { 0 };
     let pairs = |y: usize| x.data[((image * x.h + y) * x.w) * c..].chunks_exact(2 * c);
-    let mut pixels = pixels.enumerate();
     for ((_, dst), (top, bottom)) in pixels
         .by_ref()
         .take(whole_windows)
