@@ -174,22 +174,25 @@ fn faster_for_wide(ours: Kernel) -> Kernel {
                 .map(|i| (i % 13) as f32 / 13.)
                 .collect(),
         });
-        let time = |kernel: Kernel| {
-            let convs = shapes.map(|(_, c_in, c_out, k)| {
+        let packed = |kernel: Kernel| {
+            shapes.map(|(_, c_in, c_out, k)| {
                 let weight = Tensor::full(0.01f32, (c_out, c_in, k, k), &Device::Cpu)
                     .and_then(|w| PackedConv::for_kernel(&w, 1, k / 2, kernel));
                 weight.expect("the calibration convolutions are well-formed")
-            });
+            })
+        };
+        let time = |convs: &[PackedConv]| {
             let start = Instant::now();
             for (conv, input) in convs.iter().zip(&inputs) {
                 conv_sum(&[Term::of(conv, input)], &Epilogue::default());
             }
             start.elapsed()
         };
+        let (ours_convs, crate_convs) = (packed(ours), packed(Kernel::Portable));
         let (mut fastest_ours, mut fastest_crate) = (Duration::MAX, Duration::MAX);
         for _ in 0..5 {
-            fastest_ours = fastest_ours.min(time(ours));
-            fastest_crate = fastest_crate.min(time(Kernel::Portable));
+            fastest_ours = fastest_ours.min(time(&ours_convs));
+            fastest_crate = fastest_crate.min(time(&crate_convs));
         }
         let faster = if fastest_ours <= fastest_crate {
             ours
@@ -473,24 +476,21 @@ fn gemm_block(
 /// (pooled if the term pools), with the pooled appended map's channels after each pixel's.
 fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32]) {
     let x = term.input;
-    let Some(appended) = term.appended else {
-        return if term.pooled {
-            pooled_line(x, image, y, dst, x.c)
-        } else {
-            let start = (image * x.h + y) * x.w * x.c;
-            dst.copy_from_slice(&x.data[start..start + dst.len()]);
-        };
-    };
-    let stride = x.c + appended.c;
+    let stride = x.c + term.appended.map_or(0, |a| a.c);
+    let start = (image * x.h + y) * x.w * x.c;
     if term.pooled {
         pooled_line(x, image, y, dst, stride);
+    } else if stride == x.c {
+        dst.copy_from_slice(&x.data[start..start + dst.len()]);
     } else {
-        let line = x.data[(image * x.h + y) * x.w * x.c..].chunks_exact(x.c);
+        let line = x.data[start..].chunks_exact(x.c);
         for (pixel, src) in dst.chunks_exact_mut(stride).zip(line) {
             pixel[..x.c].copy_from_slice(src);
         }
     }
-    pooled_line(appended, image, y, &mut dst[x.c..], stride);
+    if let Some(appended) = term.appended {
+        pooled_line(appended, image, y, &mut dst[x.c..], stride);
+    }
 }
 
 /// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
