@@ -5,6 +5,23 @@ use std::arch::x86_64::*;
 use super::lanes::{self, Lanes, Zmm};
 use super::tiled::{Store, Tile};
 
+/// The two floats at `$src` in every 64-bit lane of a register, by the integer broadcast: as a
+/// plain load it issues once per cycle beside the FMAs on Zen 4, where `vbroadcastsd` (what
+/// LLVM makes of `_mm512_set1_pd` and `_mm512_set1_epi64`) does not. A macro, as the asm needs
+/// its caller's AVX-512.
+macro_rules! broadcast_pair {
+    ($src:expr) => {{
+        let pair: __m512;
+        std::arch::asm!(
+            "vpbroadcastq {pair}, qword ptr [{src}]",
+            pair = out(zmm_reg) pair,
+            src = in(reg) $src,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        pair
+    }};
+}
+
 /// One strip of `strip` rows times a panel: 32 columns in two registers per row, or 8 or 16
 /// columns on paired panels.
 pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile, s: &Store) {
@@ -55,8 +72,7 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
     for &tap in taps {
         for kp in 0..seg / 2 {
             step!(kp, |i: usize| {
-                let pair = a[i].add(tap + 2 * kp).cast::<f64>().read_unaligned();
-                _mm512_castpd_ps(_mm512_set1_pd(pair))
+                broadcast_pair!(a[i].add(tap + 2 * kp))
             });
         }
         if seg % 2 == 1 {
