@@ -35,6 +35,11 @@ pub struct FastLayer {
     /// high input's (their kernels stacked), where it reads lines; `l2l` and `h2l` are then
     /// `None`.
     low_joint: Option<PackedConv>,
+    /// At stride 2, L->H and H->H the same way, over the low input's channels stacked with the
+    /// pooled high input's (both outputs are on the low grid there); `l2h` and `h2h` are then
+    /// `None`. One pass over the output instead of a second that reloads it.
+    high_joint: Option<PackedConv>,
+    in_channels: usize,
     /// Octave stride 2: the high input is average-pooled first (the convs keep stride 1).
     pool_first: bool,
     bias_high: Vec<f32>,
@@ -58,8 +63,12 @@ impl FastLayer {
             (Some(l2l), Some(h2l)) => joint(l2l, h2l)?,
             _ => None,
         };
-        let separate_low = |c| {
-            if low_joint.is_some() {
+        let high_joint = match (convs.l2h, convs.h2h) {
+            (Some(l2h), Some(h2h)) if pool_first => joint(l2h, h2h)?,
+            _ => None,
+        };
+        let unless = |joint: &Option<PackedConv>, c| {
+            if joint.is_some() {
                 Ok(None)
             } else {
                 pack(c)
@@ -69,18 +78,20 @@ impl FastLayer {
             name: name.to_string(),
             bias_high: bias(convs.h2h, convs.l2h)?,
             bias_low: bias(convs.h2l, convs.l2l)?,
-            h2h: pack(convs.h2h)?,
-            h2l: separate_low(convs.h2l)?,
-            l2h: pack(convs.l2h)?,
-            l2l: separate_low(convs.l2l)?,
+            h2h: unless(&high_joint, convs.h2h)?,
+            h2l: unless(&low_joint, convs.h2l)?,
+            l2h: unless(&high_joint, convs.l2h)?,
+            l2l: unless(&low_joint, convs.l2l)?,
             low_joint,
+            high_joint,
+            in_channels: convs.h2h.map_or(0, |c| c.weight().dims()[1]),
             pool_first,
             relu,
         })
     }
 
     pub fn in_channels(&self) -> usize {
-        self.h2h.as_ref().map_or(0, PackedConv::c_in)
+        self.in_channels
     }
 
     /// `conv(x)`, ReLU'd if the unit has one; with a residual, `relu(conv(x) + residual)` (the
@@ -94,6 +105,10 @@ impl FastLayer {
         let pooled_high = self.pool_first.then(|| avg_pool2x2(&x.high));
         let high_in = pooled_high.as_ref().unwrap_or(&x.high);
         let mut terms = Vec::with_capacity(2);
+        if let Some(conv) = &self.high_joint {
+            let x_low = x.low.as_ref().expect("a layer with L->H reads a low input");
+            terms.push(Term::joint(conv, x_low, false, &x.high));
+        }
         terms.extend(self.h2h.as_ref().map(|conv| Term::of(conv, high_in)));
         let mut upsampled = None;
         if let (Some(conv), Some(x_low)) = (&self.l2h, &x.low) {
@@ -158,9 +173,10 @@ impl FastLayer {
     }
 }
 
-/// `l2l` and `h2l` as one convolution over stacked input channels, where both have the same
-/// geometry and the stacked one reads its input line by line (so it can stack the lines).
-fn joint(l2l: &Conv2d, h2l: &Conv2d) -> Result<Option<PackedConv>> {
+/// `low` (L->L or L->H) and `high` (H->L or H->H) as one convolution over stacked input
+/// channels, low first, where both have the same geometry and the stacked one reads its input
+/// line by line (so it can stack the lines).
+fn joint(low: &Conv2d, high: &Conv2d) -> Result<Option<PackedConv>> {
     // Everything but the input channels (which differ where alpha != 0.5) must agree.
     let geometry = |c: &Conv2d| {
         let dims = c.weight().dims();
@@ -173,11 +189,11 @@ fn joint(l2l: &Conv2d, h2l: &Conv2d) -> Result<Option<PackedConv>> {
             c.groups(),
         )
     };
-    if geometry(l2l) != geometry(h2l) || l2l.groups() != 1 {
+    if geometry(low) != geometry(high) || low.groups() != 1 {
         return Ok(None);
     }
-    let weight = Tensor::cat(&[l2l.weight(), h2l.weight()], 1)?;
-    let conv = PackedConv::new(&weight, l2l.stride(), l2l.padding())?;
+    let weight = Tensor::cat(&[low.weight(), high.weight()], 1)?;
+    let conv = PackedConv::new(&weight, low.stride(), low.padding())?;
     Ok(conv.reads_pooled().then_some(conv))
 }
 
