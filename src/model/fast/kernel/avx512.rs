@@ -71,9 +71,7 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
     }
     for &tap in taps {
         for kp in 0..seg / 2 {
-            step!(kp, |i: usize| {
-                broadcast_pair!(a[i].add(tap + 2 * kp))
-            });
+            step!(kp, |i: usize| { broadcast_pair!(a[i].add(tap + 2 * kp)) });
         }
         if seg % 2 == 1 {
             // The last, unpaired step of K (segments are even where there are several):
