@@ -9,26 +9,20 @@ use serde_json::Value;
 use octserve::model::weights::WeightSource;
 use octserve::model::{Model, ModelConfig};
 
-fn bench_parity(arch: &str, dtype: &str) -> Value {
+/// `octserve bench` on a small net (batch 4, 28x28, 2 threads) with `extra` flags: its JSON report.
+fn bench_json(arch: &str, extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_octserve"))
+        .args(["--threads", "2", "bench", "--arch", arch])
         .args([
-            "--threads",
-            "2",
-            "bench",
-            "--arch",
-            arch,
             "--input-size",
             "28",
-        ])
-        .args([
             "--in-channels",
             "1",
             "--num-classes",
             "10",
-            "--batch-size",
-            "4",
         ])
-        .args(["--iters", "1", "--dtype", dtype, "--parity", "--json"])
+        .args(["--batch-size", "4", "--json"])
+        .args(extra)
         .output()
         .expect("octserve runs");
     assert!(
@@ -36,8 +30,11 @@ fn bench_parity(arch: &str, dtype: &str) -> Value {
         "bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
-    report["parity"].clone()
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
+
+fn bench_parity(arch: &str, dtype: &str) -> Value {
+    bench_json(arch, &["--iters", "1", "--dtype", dtype, "--parity"])["parity"].clone()
 }
 
 #[test]
@@ -60,6 +57,28 @@ fn bench_parity_finds_the_fast_path_equal_to_the_reference_and_f16_not_exactly()
             "{arch}: f16 {f16_diff} vs f32 {f32_diff}"
         );
     }
+}
+
+/// `--versus` times a second architecture pass for pass in the same run: the report names it and
+/// gives its latencies and the median per-pass ratio, beside the benchmarked model's own.
+#[test]
+fn bench_versus_times_both_architectures_in_one_run() {
+    let report = bench_json("oct-resnet20", &["--iters", "4", "--versus", "resnet20"]);
+    assert_eq!(report["arch"], "oct-resnet20", "{report}");
+    assert!(report["latency_ms_p50"].as_f64().unwrap() > 0., "{report}");
+    let versus = &report["versus"];
+    assert_eq!(versus["arch"], "resnet20", "{report}");
+    let p50 = versus["latency_ms_p50"].as_f64().unwrap();
+    assert!(
+        p50 > 0. && versus["latency_ms_p90"].as_f64().unwrap() >= p50,
+        "{versus}"
+    );
+    let ratio = versus["ratio_p50"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0., "{versus}");
+
+    assert!(bench_json("resnet20", &["--iters", "1"])
+        .get("versus")
+        .is_none());
 }
 
 #[test]

@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use octserve::alloc::measure_peak;
 use octserve::device::{device_name, memory_info, parse_device};
+use octserve::model::arch::Arch;
 use octserve::model::weights::WeightSource;
-use octserve::model::Model;
+use octserve::model::{Model, ModelConfig};
 
 use super::{print_json, ModelArgs};
 
@@ -40,6 +41,11 @@ pub struct BenchArgs {
     /// f32, on the same weights and input: the check that a device or the fast path is right.
     #[arg(long)]
     pub parity: bool,
+    /// Also time this architecture (same alpha, sizes and batch; random weights), its passes
+    /// alternating with the benchmarked model's, and report the median per-pass latency ratio.
+    /// On a shared, noisy machine both then see the same conditions: the fairest side by side.
+    #[arg(long)]
+    pub versus: Option<Arch>,
 }
 
 #[derive(Serialize)]
@@ -63,6 +69,19 @@ struct BenchReport {
     layers: Option<Vec<LayerProfile>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parity: Option<Parity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    versus: Option<Versus>,
+}
+
+/// `--versus`: the other architecture, timed in the same run, pass for pass.
+#[derive(Serialize)]
+struct Versus {
+    arch: String,
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    /// The median over iterations of this model's pass time over the other's in that
+    /// iteration (< 1: this model is faster).
+    ratio_p50: f64,
 }
 
 /// `--parity`: the benchmarked model's logits against the CPU f32 reference.
@@ -163,6 +182,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         (None, Model::new(config, vb)?)
     };
     let model = model.folded()?;
+    let versus = args
+        .versus
+        .map(|arch| -> anyhow::Result<Model> {
+            let config = ModelConfig { arch, ..config };
+            let vb = WeightSource::Random.var_builder(args.dtype, &device)?;
+            Ok(Model::new(config, vb)?.folded()?)
+        })
+        .transpose()?;
     let size = args.model.input_size;
     let shape = (args.batch_size, args.model.in_channels, size, size);
     // Drawn on the CPU (so a parity reference can see the same numbers), uploaded once.
@@ -174,31 +201,63 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .transpose()?;
 
     // Each pass ends by copying the logits back, which waits for an asynchronous device.
-    let forward = || {
+    let forward = |model: &Model| {
         model
             .forward(&input)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()
     };
+    let timed = |model: &Model| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        forward(model)?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
     // Device memory is measured from before the first pass: its allocator keeps what it took.
     let untouched = memory_info(&device);
-    for _ in 0..2 {
-        forward()?;
+    for model in std::iter::once(&model).chain(&versus) {
+        for _ in 0..2 {
+            forward(model)?;
+        }
     }
     let mut latencies = Vec::with_capacity(args.iters);
+    let (mut versus_latencies, mut ratios) = (Vec::new(), Vec::new());
     let mut peak_bytes = 0;
-    for _ in 0..args.iters.max(1) {
+    for i in 0..args.iters.max(1) {
+        // The other model goes first every other iteration, so neither always runs warm.
+        let other_first = versus
+            .as_ref()
+            .filter(|_| i % 2 == 1)
+            .map(timed)
+            .transpose()?;
         let start = Instant::now();
-        let (out, host_peak) = measure_peak(forward);
+        let (out, host_peak) = measure_peak(|| forward(&model));
         out?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
         let peak = match (untouched, memory_info(&device)) {
             (Some(before), Some(now)) => before.free.saturating_sub(now.free),
             _ => host_peak,
         };
-        latencies.push(start.elapsed().as_secs_f64() * 1e3);
+        latencies.push(ms);
         peak_bytes = peak_bytes.max(peak);
+        let other_second = versus
+            .as_ref()
+            .filter(|_| i % 2 == 0)
+            .map(timed)
+            .transpose()?;
+        if let Some(other) = other_first.or(other_second) {
+            versus_latencies.push(other);
+            ratios.push(ms / other);
+        }
     }
     latencies.sort_by(f64::total_cmp);
+    versus_latencies.sort_by(f64::total_cmp);
+    ratios.sort_by(f64::total_cmp);
+    let versus = args.versus.map(|arch| Versus {
+        arch: arch.to_string(),
+        latency_ms_p50: percentile(&versus_latencies, 0.5),
+        latency_ms_p90: percentile(&versus_latencies, 0.9),
+        ratio_p50: percentile(&ratios, 0.5),
+    });
     let p50 = percentile(&latencies, 0.5);
     let layers = if args.profile {
         Some(profile_layers(&model, &input, args.iters.max(1))?)
@@ -220,6 +279,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         peak_bytes,
         layers,
         parity,
+        versus,
     };
     if args.json {
         print_json(&report)
@@ -233,6 +293,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!(
                 "parity with the CPU f32 candle network: max |diff| {:.3e} (logits up to {:.3}), top-1 equal on {}/{} images",
                 p.max_abs_diff, p.max_abs_logit, p.top1_equal, p.images
+            );
+        }
+        if let Some(v) = &report.versus {
+            println!(
+                "versus {}: p50 {:.2} ms, p90 {:.2} ms; {} / {} per pass: median {:.3}",
+                v.arch, v.latency_ms_p50, v.latency_ms_p90, report.arch, v.arch, v.ratio_p50
             );
         }
         if let Some(layers) = &report.layers {
