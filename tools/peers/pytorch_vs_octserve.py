@@ -10,6 +10,9 @@ equal to them by the parity tests) in eval mode under inference_mode, in both me
 (contiguous NCHW and channels_last). Its random weights are saved as safetensors and octserve
 `bench` loads the same file. Rounds are interleaved (every implementation and configuration once
 per round) and medians of the per-round medians reported, so all rows saw the same machine load.
+Each round also runs `octserve bench --versus` for every octave/vanilla pair: the two models'
+passes alternate in one process, and its median per-pass ratio is the octave/vanilla figure
+least moved by a noisy machine (the "octserve per pass" column).
 Needs target/release/octserve, torch and safetensors.
 """
 import argparse
@@ -42,14 +45,14 @@ def torch_ms(model, x, iters):
     return statistics.median(times)
 
 
-def octserve_ms(args, arch, weights, batch):
+def octserve_bench(args, arch, weights, batch, *extra):
     cmd = [str(BIN), "--threads", str(args.threads), "bench", "--arch", arch,
            "--alpha", str(args.alpha), "--input-size", str(args.size),
            "--in-channels", str(args.in_channels), "--num-classes", str(args.classes),
            "--weights", str(weights), "--batch-size", str(batch), "--iters", str(args.iters),
-           "--json"]
+           "--json", *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)["latency_ms_p50"]
+    return json.loads(out.stdout)
 
 
 def main():
@@ -83,12 +86,20 @@ def main():
 
     impls = ["octserve", "torch_nchw", "torch_channels_last"]
     samples = {(a, b, i): [] for a in archs for b in batches for i in impls}
+    pairs = [(a, a.removeprefix("oct-")) for a in archs
+             if a.startswith("oct-") and a.removeprefix("oct-") in archs]
+    per_pass = {(a, b): [] for a, _ in pairs for b in batches}
     for _ in range(args.rounds):
+        for oct_arch, vanilla in pairs:
+            for batch in batches:
+                report = octserve_bench(args, oct_arch, weights[oct_arch], batch,
+                                        "--versus", vanilla)
+                per_pass[(oct_arch, batch)].append(report["versus"]["ratio_p50"])
         for arch in archs:
             for batch in batches:
                 x = torch.randn(batch, args.in_channels, args.size, args.size)
                 samples[(arch, batch, "octserve")].append(
-                    octserve_ms(args, arch, weights[arch], batch))
+                    octserve_bench(args, arch, weights[arch], batch)["latency_ms_p50"])
                 samples[(arch, batch, "torch_nchw")].append(
                     torch_ms(models[arch], x, args.iters))
                 cl = models[arch].to(memory_format=torch.channels_last)
@@ -106,16 +117,13 @@ def main():
         for batch in batches:
             o, n, c = (ms[(arch, batch, i)] for i in impls)
             print(f"| {arch} | {batch} | {o:.1f} | {n:.1f} | {c:.1f} | {o / min(n, c):.2f} |")
-    octave = [a for a in archs if a.startswith("oct-")]
-    for oct_arch in octave:
-        vanilla = oct_arch.removeprefix("oct-")
-        if vanilla not in archs:
-            continue
+    for oct_arch, vanilla in pairs:
         print(f"\n{oct_arch} (alpha {args.alpha}) / {vanilla} latency:")
-        print("| batch | octserve | torch NCHW | torch channels_last |")
-        print("|---|---|---|---|")
+        print("| batch | octserve per pass | octserve | torch NCHW | torch channels_last |")
+        print("|---|---|---|---|---|")
         for batch in batches:
-            ratios = [ms[(oct_arch, batch, i)] / ms[(vanilla, batch, i)] for i in impls]
+            ratios = [statistics.median(per_pass[(oct_arch, batch)])]
+            ratios += [ms[(oct_arch, batch, i)] / ms[(vanilla, batch, i)] for i in impls]
             print(f"| {batch} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
