@@ -106,6 +106,8 @@ impl FastLayer {
         let high_in = pooled_high.as_ref().unwrap_or(&x.high);
         let mut terms = Vec::with_capacity(2);
         if let Some(conv) = &self.high_joint {
+            // Pools X_H again as it reads it (the low output reads P): a few percent of the
+            // layer, against a second pass over the whole output.
             let x_low = x.low.as_ref().expect("a layer with L->H reads a low input");
             terms.push(Term::joint(conv, x_low, false, &x.high));
         }
