@@ -1,31 +1,86 @@
-//! The micro-kernel for 8-lane registers (AVX2 and FMA). With 16 registers, a row of a
-//! 16-column panel takes two accumulators, so a strip is done four rows at a time: eight
-//! independent accumulators, enough to keep both FMA pipes busy through the FMA latency.
+//! The micro-kernels for 8-lane registers (AVX2 and FMA). With 16 registers, a strip has 6
+//! rows of two accumulators each: twelve independent accumulators, enough to keep both FMA
+//! pipes busy through the FMA latency, beside the panel's two registers and one broadcast A.
+//! A 16-column panel takes two registers of 8 columns; an 8-column panel has its rows paired,
+//! each register holding 4 columns for two K steps, so that there too one A broadcast feeds
+//! two FMAs (one per FMA made the narrow octave layers broadcast-bound on Zen 3).
 
-use super::lanes::{self, Ymm};
+use std::arch::x86_64::*;
+
+use super::lanes::{self, Lanes, Ymm};
 use super::tiled::{Store, Tile};
 
-/// One strip of `strip` rows times a panel of 8 columns (one register per row) or 16 (two).
+/// One strip of `strip` (1..=6) rows times a panel of 16 columns, or 8 with rows paired.
 pub unsafe fn micro_tile(strip: usize, panel_width: usize, t: &Tile, s: &Store) {
-    macro_rules! rows {
-        ($nv:literal, $first:expr, $count:expr; $($rows:literal)*) => {
-            match $count {
-                $($rows => micro::<$rows, $nv>(t, s, $first),)*
-                _ => unreachable!("strips have 1..=MR rows"),
+    macro_rules! call {
+        ($($rows:literal)*) => {
+            match (strip, panel_width) {
+                $(
+                    ($rows, 8) => micro_pairs::<$rows>(t, s),
+                    ($rows, _) => micro::<$rows, 2>(t, s),
+                )*
+                _ => unreachable!("AVX2 strips have 1..=6 rows"),
             }
         };
     }
-    if panel_width == 8 {
-        return rows!(1, 0, strip; 1 2 3 4 5 6 7 8);
-    }
-    rows!(2, 0, strip.min(4); 1 2 3 4);
-    if strip > 4 {
-        rows!(2, 4, strip - 4; 1 2 3 4);
-    }
+    call!(1 2 3 4 5 6)
 }
 
-/// Strip rows `first..first + ROWS` x `8 * NV` columns of the tile.
+/// `ROWS x (8 * NV)` of the tile.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store, first: usize) {
-    lanes::micro::<Ymm, ROWS, NV>(t, s, first)
+unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+    lanes::micro::<Ymm, ROWS, NV>(t, s)
+}
+
+/// `ROWS x 8` of C from a paired panel: register `v` of a row holds columns `4v..4v + 4`, each
+/// for two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
+/// halves are summed when stored.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_pairs<const ROWS: usize>(t: &Tile, s: &Store) {
+    let (taps, seg, a, mut b, c, ldc) = (t.taps, t.seg, t.a, t.b, t.c, t.ldc);
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    // One paired K step `kp`, with `$a(i)` the A register of row `i`.
+    macro_rules! step {
+        ($kp:expr, $a:expr) => {{
+            let bv = [
+                _mm256_loadu_ps(b.add($kp * 16)),
+                _mm256_loadu_ps(b.add($kp * 16 + 8)),
+            ];
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = $a(i);
+                row[0] = _mm256_fmadd_ps(av, bv[0], row[0]);
+                row[1] = _mm256_fmadd_ps(av, bv[1], row[1]);
+            }
+        }};
+    }
+    for &tap in taps {
+        for kp in 0..seg / 2 {
+            step!(kp, |i: usize| {
+                let pair = a[i].add(tap + 2 * kp).cast::<f64>().read_unaligned();
+                _mm256_castpd_ps(_mm256_set1_pd(pair))
+            });
+        }
+        if seg % 2 == 1 {
+            // The last, unpaired step of K (segments are even where there are several): its
+            // partner lanes get 0 (the panel's padding row is 0).
+            step!(seg / 2, |i: usize| {
+                _mm256_blend_ps::<0b0101_0101>(
+                    _mm256_setzero_ps(),
+                    _mm256_broadcast_ss(&*a[i].add(tap + seg - 1)),
+                )
+            });
+        }
+        b = b.add(seg / 2 * 16);
+    }
+    for (i, [low, high]) in acc.iter().enumerate() {
+        // Pair sums in the order 0 1 4 5 2 3 6 7 (`hadd` works within 128-bit halves), then
+        // the middle 64-bit quarters swapped.
+        let sums = _mm256_castps_pd(_mm256_hadd_ps(*low, *high));
+        let mut y = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(sums));
+        let dst = c.add(i * ldc);
+        if s.load_c {
+            y = _mm256_add_ps(y, Ymm::load_first(dst, s.width));
+        }
+        lanes::store::<Ymm>(y, s.width, s, i, 0, dst);
+    }
 }

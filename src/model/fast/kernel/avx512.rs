@@ -44,7 +44,7 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile
 /// `ROWS x (16 * NV)` of the tile.
 #[target_feature(enable = "avx512f")]
 unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    lanes::micro::<Zmm, ROWS, NV>(t, s, 0)
+    lanes::micro::<Zmm, ROWS, NV>(t, s)
 }
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for

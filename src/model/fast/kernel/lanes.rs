@@ -27,17 +27,12 @@ pub trait Lanes {
     unsafe fn relu(y: Self::V) -> Self::V;
 }
 
-/// Strip rows `first..first + ROWS` x `N * NV` columns of C from the tile's steps of A
-/// (broadcast) times the panel (loaded).
+/// `ROWS` strip rows x `N * NV` columns of C from the tile's steps of A (broadcast) times the
+/// panel (loaded).
 #[inline(always)]
-pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(
-    t: &Tile,
-    s: &Store,
-    first: usize,
-) {
-    let (taps, seg, mut b, ldc) = (t.taps, t.seg, t.b, t.ldc);
-    let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[first + i]);
-    let c = t.c.add(first * ldc);
+pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+    let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
+    let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
     let real: [usize; NV] = std::array::from_fn(|v| s.width.saturating_sub(L::N * v).min(L::N));
     let mut acc = [[L::zero(); NV]; ROWS];
     if s.load_c {
@@ -62,14 +57,7 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(
     }
     for (i, row) in acc.iter().enumerate() {
         for (v, &x) in row.iter().enumerate() {
-            store::<L>(
-                x,
-                real[v],
-                s,
-                first + i,
-                L::N * v,
-                c.add(i * ldc + L::N * v),
-            );
+            store::<L>(x, real[v], s, i, L::N * v, c.add(i * ldc + L::N * v));
         }
     }
 }

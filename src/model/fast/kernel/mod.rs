@@ -37,7 +37,8 @@ impl PackedB {
     /// From row-major `[k, n]`. For the AVX-512 kernel, panels are 32 wide, or for narrow
     /// outputs (<= 16 columns) 8 or 16 wide with rows paired, so that one 16-lane register
     /// holds two steps of K and little of the work multiplies padding. For the AVX2 kernel,
-    /// 8 wide (one register) for outputs of up to 8 columns, 16 otherwise. The `gemm` crate
+    /// 16 wide (two registers), or for outputs of up to 8 columns 8 wide with rows paired (two
+    /// registers of 4 columns x 2 steps). The `gemm` crate
     /// packs for itself and takes one panel as wide as the matrix.
     pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
         assert_eq!(weights.len(), k * n);
@@ -45,7 +46,7 @@ impl PackedB {
             Kernel::Avx512 if n <= 8 => (8, true),
             Kernel::Avx512 if n <= 16 => (16, true),
             Kernel::Avx512 => (32, false),
-            Kernel::Avx2 if n <= 8 => (8, false),
+            Kernel::Avx2 if n <= 8 => (8, true),
             Kernel::Avx2 => (16, false),
             Kernel::Portable => (n, false),
         };

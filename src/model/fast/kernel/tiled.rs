@@ -1,9 +1,9 @@
-//! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of `MR` rows
+//! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of up to `MR` rows
 //! kept in L1, and each micro-tile's epilogue.
 
 use super::{avx2, avx512, Finish, Gemm, Kernel, Lhs};
 
-/// Rows per micro-kernel call.
+/// The most rows of one micro-kernel call.
 pub const MR: usize = 8;
 /// Depth of one K chunk: a row strip's chunk is 8 KiB of L1.
 const KC: usize = 256;
@@ -23,6 +23,7 @@ pub unsafe fn gemm(g: &Gemm) {
         finish,
     } = *g;
     let w = b.width;
+    let strip_rows = strip_rows(b.kernel);
     let panels = cols.start / w..cols.end.div_ceil(w);
     // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
     let (seg, chunk) = match a {
@@ -46,8 +47,8 @@ pub unsafe fn gemm(g: &Gemm) {
         // group's first panel, passes over all of them.
         let group = (GROUP_FLOATS / (kc * w)).max(1);
         for first in panels.clone().step_by(group) {
-            for r0 in rows.clone().step_by(MR) {
-                let strip = MR.min(rows.end - r0);
+            for r0 in rows.clone().step_by(strip_rows) {
+                let strip = strip_rows.min(rows.end - r0);
                 let mut a_rows = [std::ptr::null(); MR];
                 // The strip's first row, counted from the call's first.
                 let at = r0 - rows.start;
@@ -85,6 +86,15 @@ pub unsafe fn gemm(g: &Gemm) {
                 }
             }
         }
+    }
+}
+
+/// Rows per micro-kernel call: as many as leave registers for the panel and one A broadcast.
+/// With 16 registers of 8 lanes that is 6 rows of two accumulators ([`avx2`]).
+fn strip_rows(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Avx2 => 6,
+        _ => MR,
     }
 }
 
