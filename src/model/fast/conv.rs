@@ -301,14 +301,17 @@ impl Epilogue<'_> {
             rows.start / wo % ho,
             rows.start % wo,
         );
-        for r in rows {
+        // Filled in place, not pushed: `dst` is thread-local, and a push per row stored its
+        // length back through TLS every time.
+        dst.resize(rows.len(), [std::ptr::null(); 2]);
+        for (r, slot) in rows.zip(dst.iter_mut()) {
             let residual = self
                 .residual
                 .map_or(std::ptr::null(), |res| res.data[r * c..].as_ptr());
             let upsampled = self.upsampled.map_or(std::ptr::null(), |low| {
                 low.data[((image * low.h + y / 2) * low.w + x / 2) * c..].as_ptr()
             });
-            dst.push([residual, upsampled]);
+            *slot = [residual, upsampled];
             x += 1;
             if x == wo {
                 (x, y) = (0, y + 1);
@@ -552,10 +555,11 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
     }
     STARTS.with_borrow_mut(|starts| {
         starts.clear();
+        starts.resize(rows.len(), std::ptr::null());
         let (mut image, mut oy, mut ox) = (first_image, first_line, first % wo);
         let mut line = (oy - lines(image).start) * line_len;
-        for _ in rows {
-            starts.push(band[line + ox * c..].as_ptr());
+        for start in starts.iter_mut() {
+            *start = band[line + ox * c..].as_ptr();
             ox += 1;
             if ox == wo {
                 (ox, oy) = (0, oy + 1);
