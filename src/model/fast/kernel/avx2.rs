@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, Lanes, Ymm};
+use super::lanes::{self, prefetch_next, Lanes, Ymm, LINE};
 use super::tiled::{Store, Tile};
 
 /// One strip of `strip` (1..=6) rows times a panel of 16 columns, or 8 with rows paired.
@@ -54,11 +54,23 @@ unsafe fn micro_pairs<const ROWS: usize>(t: &Tile, s: &Store) {
         }};
     }
     for &tap in taps {
-        for kp in 0..seg / 2 {
-            step!(kp, |i: usize| {
+        let pairs = |kp: usize| {
+            move |i: usize| {
                 let pair = a[i].add(tap + 2 * kp).cast::<f64>().read_unaligned();
                 _mm256_castpd_ps(_mm256_set1_pd(pair))
-            });
+            }
+        };
+        if t.next[0].is_null() {
+            for kp in 0..seg / 2 {
+                step!(kp, pairs(kp));
+            }
+        } else {
+            for line in (0..seg / 2).step_by(LINE / 2) {
+                prefetch_next(t, tap + 2 * line);
+                for kp in line..(line + LINE / 2).min(seg / 2) {
+                    step!(kp, pairs(kp));
+                }
+            }
         }
         if seg % 2 == 1 {
             // The last, unpaired step of K (segments are even where there are several): its

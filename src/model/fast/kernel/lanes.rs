@@ -42,15 +42,28 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(t: &Tile, s: &
             }
         }
     }
-    for &tap in taps {
-        for k in tap..tap + seg {
-            let bv: [L::V; NV] =
-                std::array::from_fn(|v| L::load(b.add((k - tap) * L::N * NV + L::N * v)));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = L::splat(a[i].add(k));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = L::fma(av, bv[v], *x);
+    // K steps `$k` of the tap at `$tap`.
+    macro_rules! steps {
+        ($tap:expr, $k:expr) => {
+            for k in $k {
+                let bv: [L::V; NV] =
+                    std::array::from_fn(|v| L::load(b.add((k - $tap) * L::N * NV + L::N * v)));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = L::splat(a[i].add(k));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = L::fma(av, bv[v], *x);
+                    }
                 }
+            }
+        };
+    }
+    for &tap in taps {
+        if t.next[0].is_null() {
+            steps!(tap, tap..tap + seg);
+        } else {
+            for line in (tap..tap + seg).step_by(LINE) {
+                prefetch_next(t, line);
+                steps!(tap, line..(line + LINE).min(tap + seg));
             }
         }
         b = b.add(seg * L::N * NV);
@@ -59,6 +72,17 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize>(t: &Tile, s: &
         for (v, &x) in row.iter().enumerate() {
             store::<L>(x, real[v], s, i, L::N * v, c.add(i * ldc + L::N * v));
         }
+    }
+}
+
+/// K steps in one 64-byte line of A.
+pub const LINE: usize = 16;
+
+/// Prefetches the line holding K step `k` of each of the next strip's rows ([`Tile::next`]).
+#[inline(always)]
+pub unsafe fn prefetch_next(t: &Tile, k: usize) {
+    for row in t.next.iter().take_while(|row| !row.is_null()) {
+        _mm_prefetch::<_MM_HINT_T0>(row.add(k).cast());
     }
 }
 

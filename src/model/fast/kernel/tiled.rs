@@ -62,6 +62,15 @@ pub unsafe fn gemm(g: &Gemm) {
                         a_rows[..strip].copy_from_slice(&starts[at..at + strip])
                     }
                 }
+                // The next strip's rows, where A is a map read from memory (taps and patch
+                // rows read a band just built, in cache).
+                let mut next = [std::ptr::null(); MR];
+                if let Lhs::Rows { a, lda } = a {
+                    let next_rows = r0 + strip..(r0 + strip + strip_rows).min(rows.end);
+                    for (row, r) in next.iter_mut().zip(next_rows) {
+                        *row = a.add((r - rows.start) * lda);
+                    }
+                }
                 for p in first..(first + group).min(panels.end) {
                     let col0 = p * w;
                     let mut store = Store {
@@ -78,6 +87,12 @@ pub unsafe fn gemm(g: &Gemm) {
                         taps: chunk_taps,
                         seg: chunk_seg,
                         a: a_rows,
+                        // Loaded by the group's first panel only; the others find A in L1.
+                        next: if p == first {
+                            next
+                        } else {
+                            [std::ptr::null(); MR]
+                        },
                         b: b.panel_from(p, k0).as_ptr(),
                         c: c.add(r0 * ldc + col0),
                         ldc,
@@ -136,6 +151,11 @@ pub struct Tile<'a> {
     pub taps: &'a [usize],
     pub seg: usize,
     pub a: [*const f32; MR],
+    /// The next strip's A rows (then nulls), whose lines the kernel prefetches as it steps
+    /// through K. Measured on Zen 3, a 1x1 convolution with 32 outputs of a 56x56 map (batch
+    /// 4) runs 1.5-1.7 times as fast with it: a strip passes over few panels, so it waits on
+    /// memory for A, six rows at a time.
+    pub next: [*const f32; MR],
     pub b: *const f32,
     pub c: *mut f32,
     pub ldc: usize,
