@@ -14,10 +14,12 @@ use super::tiled::{Store, Tile};
 pub unsafe fn micro_tile(strip: usize, panel_width: usize, t: &Tile, s: &Store) {
     macro_rules! call {
         ($($rows:literal)*) => {
-            match (strip, panel_width) {
+            match (strip, panel_width, !t.next.is_null()) {
                 $(
-                    ($rows, 8) => micro_pairs::<$rows>(t, s),
-                    ($rows, _) => micro::<$rows, 2>(t, s),
+                    ($rows, 8, false) => micro_pairs::<$rows, false>(t, s),
+                    ($rows, 8, true) => micro_pairs::<$rows, true>(t, s),
+                    ($rows, _, false) => micro::<$rows, 2, false>(t, s),
+                    ($rows, _, true) => micro::<$rows, 2, true>(t, s),
                 )*
                 _ => unreachable!("AVX2 strips have 1..=6 rows"),
             }
@@ -28,15 +30,15 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, t: &Tile, s: &Store) 
 
 /// `ROWS x (8 * NV)` of the tile.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    lanes::micro::<Ymm, ROWS, NV>(t, s)
+unsafe fn micro<const ROWS: usize, const NV: usize, const PREFETCH: bool>(t: &Tile, s: &Store) {
+    lanes::micro::<Ymm, ROWS, NV, PREFETCH>(t, s)
 }
 
 /// `ROWS x 8` of C from a paired panel: register `v` of a row holds columns `4v..4v + 4`, each
 /// for two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
-/// halves are summed when stored.
+/// halves are summed when stored. `PREFETCH` as in [`lanes::micro`].
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_pairs<const ROWS: usize>(t: &Tile, s: &Store) {
+unsafe fn micro_pairs<const ROWS: usize, const PREFETCH: bool>(t: &Tile, s: &Store) {
     let (taps, seg, a, mut b, c, ldc) = (t.taps, t.seg, t.a, t.b, t.c, t.ldc);
     let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
     // One paired K step `kp`, with `$a(i)` the A register of row `i`.
@@ -60,7 +62,7 @@ unsafe fn micro_pairs<const ROWS: usize>(t: &Tile, s: &Store) {
                 _mm256_castpd_ps(_mm256_set1_pd(pair))
             }
         };
-        if t.next[0].is_null() {
+        if !PREFETCH {
             for kp in 0..seg / 2 {
                 step!(kp, pairs(kp));
             }

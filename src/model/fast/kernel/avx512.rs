@@ -44,7 +44,8 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile
 /// `ROWS x (16 * NV)` of the tile.
 #[target_feature(enable = "avx512f")]
 unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    lanes::micro::<Zmm, ROWS, NV>(t, s)
+    // Without prefetching: not measured on an AVX-512 core yet.
+    lanes::micro::<Zmm, ROWS, NV, false>(t, s)
 }
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
