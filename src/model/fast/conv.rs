@@ -457,7 +457,11 @@ fn gemm_block(
     let read_as_is = !term.pooled && term.appended.is_none();
     if conv.reads_input_directly() && read_as_is {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
-        return run(Lhs::Rows { a, lda: depth });
+        return run(Lhs::Rows {
+            a,
+            lda: depth,
+            in_map: true,
+        });
     }
     PATCHES.with_borrow_mut(|scratch| {
         if conv.reads_taps() || !read_as_is {
@@ -471,6 +475,7 @@ fn gemm_block(
         run(Lhs::Rows {
             a: scratch.as_ptr(),
             lda: depth,
+            in_map: false,
         });
     });
 }
@@ -551,6 +556,7 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
         return run(Lhs::Rows {
             a: band[skipped..].as_ptr(),
             lda: c,
+            in_map: false,
         });
     }
     STARTS.with_borrow_mut(|starts| {

@@ -179,8 +179,14 @@ impl Kernel {
 /// Where a GEMM's left matrix is.
 #[derive(Clone, Copy)]
 pub enum Lhs<'a> {
-    /// `rows.len()` rows of `b.k` floats, `lda` apart, the first at `a`.
-    Rows { a: *const f32, lda: usize },
+    /// `rows.len()` rows of `b.k` floats, `lda` apart, the first at `a`; `in_map` where they
+    /// are a feature map's pixels (read from memory, so our kernels prefetch them), not rows
+    /// just built in cache.
+    Rows {
+        a: *const f32,
+        lda: usize,
+        in_map: bool,
+    },
     /// Not stored as rows (our micro-kernels only): K is `taps.len()` equal segments, segment `t`
     /// of the call's `i`-th output row at `starts[i] + taps[t]`. A stride-1 convolution reads
     /// its input in place this way, one segment per kernel tap.
@@ -223,7 +229,7 @@ pub unsafe fn gemm(g: &Gemm) {
 
 unsafe fn portable_gemm(g: &Gemm) {
     let (rows, cols, b, c, ldc) = (&g.rows, &g.cols, g.b, g.c, g.ldc);
-    let Lhs::Rows { a, lda } = g.a else {
+    let Lhs::Rows { a, lda, .. } = g.a else {
         unreachable!("taps are read on our micro-kernels only (PackedB::takes_taps)")
     };
     gemm::gemm(

@@ -53,7 +53,7 @@ pub unsafe fn gemm(g: &Gemm) {
                 // The strip's first row, counted from the call's first.
                 let at = r0 - rows.start;
                 match a {
-                    Lhs::Rows { a, lda } => {
+                    Lhs::Rows { a, lda, .. } => {
                         for (i, row) in a_rows[..strip].iter_mut().enumerate() {
                             *row = a.add((at + i) * lda);
                         }
@@ -62,10 +62,15 @@ pub unsafe fn gemm(g: &Gemm) {
                         a_rows[..strip].copy_from_slice(&starts[at..at + strip])
                     }
                 }
-                // The next strip's rows, where A is a map read from memory (taps and patch
-                // rows read a band just built, in cache).
+                // The next strip's rows, where A is a map read from memory (taps, bands and
+                // patch rows are built just before, in cache).
                 let mut next = [std::ptr::null(); MR];
-                if let Lhs::Rows { a, lda } = a {
+                if let Lhs::Rows {
+                    a,
+                    lda,
+                    in_map: true,
+                } = a
+                {
                     let next_rows = r0 + strip..(r0 + strip + strip_rows).min(rows.end);
                     for (row, r) in next.iter_mut().zip(next_rows) {
                         *row = a.add((r - rows.start) * lda);
