@@ -29,8 +29,8 @@ pub trait Lanes {
 
 /// `ROWS` strip rows x `N * NV` columns of C from the tile's steps of A (broadcast) times the
 /// panel (loaded); with `PREFETCH`, the next strip's rows are prefetched on the way
-/// ([`Tile::next`]). A separate instance, as the loops it splits ran the tap-reading calls
-/// (short K segments) 9% slower.
+/// ([`Tile::next`]). A separate instance, so that the tap-reading calls (short K segments,
+/// nothing to prefetch) keep their plain loop.
 #[inline(always)]
 pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH: bool>(
     t: &Tile,
