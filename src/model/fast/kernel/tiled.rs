@@ -24,6 +24,16 @@ pub unsafe fn gemm(g: &Gemm) {
     } = *g;
     let w = b.width;
     let strip_rows = strip_rows(b.kernel);
+    // A whose next strip the kernel prefetches: a map read from memory (taps, bands and patch
+    // rows are built just before, in cache), on the kernels that prefetch (AVX2 so far).
+    let prefetched = match a {
+        Lhs::Rows {
+            a,
+            lda,
+            in_map: true,
+        } if b.kernel == Kernel::Avx2 => Some((a, lda)),
+        _ => None,
+    };
     let panels = cols.start / w..cols.end.div_ceil(w);
     // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
     let (seg, chunk) = match a {
@@ -62,15 +72,8 @@ pub unsafe fn gemm(g: &Gemm) {
                         a_rows[..strip].copy_from_slice(&starts[at..at + strip])
                     }
                 }
-                // The next strip's rows, where A is a map read from memory (taps, bands and
-                // patch rows are built just before, in cache).
                 let mut next = [std::ptr::null(); MR];
-                if let Lhs::Rows {
-                    a,
-                    lda,
-                    in_map: true,
-                } = a
-                {
+                if let Some((a, lda)) = prefetched {
                     let next_rows = r0 + strip..(r0 + strip + strip_rows).min(rows.end);
                     for (row, r) in next.iter_mut().zip(next_rows) {
                         *row = a.add((r - rows.start) * lda);
