@@ -112,12 +112,15 @@ impl PackedConv {
         self.reads_input_directly() || self.reads_taps()
     }
 
-    /// Where tap `(ky, kx)` of output pixel 0 starts in a band of input lines `padded_width`
-    /// wide: the A offsets of a tap-reading GEMM.
+    /// Where each K segment of output pixel 0 starts in a band of input lines `padded_width`
+    /// wide: the A offsets of a tap-reading GEMM. A segment is one tap `(ky, kx)` or, where the
+    /// kernel takes them as one, the whole kernel row `ky` ([`PackedB::tap_segment`]).
     fn tap_offsets(&self, padded_width: usize) -> Vec<usize> {
-        let k = self.kernel;
+        let (k, c) = (self.kernel, self.c_in);
+        let per_row = self.weights.tap_segment(k, c) / c;
         (0..k * k)
-            .map(|t| ((t / k) * padded_width + t % k) * self.c_in)
+            .step_by(per_row)
+            .map(|t| ((t / k) * padded_width + t % k) * c)
             .collect()
     }
 

@@ -19,6 +19,9 @@ mod lanes;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
 
+/// Depth of one K chunk of our micro-kernels: a row strip's chunk is 8 KiB of L1.
+const KC: usize = 256;
+
 /// A `k x n` weight matrix as zero-padded panels of `width` columns, for the kernel that will
 /// read it: `data[(panel * k + row) * width + j]`, or with `pairs`, two rows interleaved per
 /// column, `data[(panel * k2 + row / 2) * 2 * width + (j / 8) * 16 + 2 * (j % 8) + row % 2]`
@@ -81,6 +84,18 @@ impl PackedB {
     /// on our micro-kernels, in whole pairs where the rows are paired.
     pub fn takes_taps(&self, segment: usize) -> bool {
         self.kernel != Kernel::Portable && (segment.is_multiple_of(2) || !self.pairs)
+    }
+
+    /// K steps per segment of a convolution read by taps (`k x k` taps of `c` input channels,
+    /// see [`Lhs::Taps`]): a kernel row's `k` taps lie next to each other in a line of the
+    /// input, so where they fit in one K chunk they are one segment. Fewer, longer inner loops
+    /// for the narrow octave layers, whose taps are 8 or 16 steps.
+    pub fn tap_segment(&self, k: usize, c: usize) -> usize {
+        if k * c <= KC {
+            k * c
+        } else {
+            c
+        }
     }
 
     /// Column blocks handed to different threads start on multiples of this.
@@ -189,7 +204,7 @@ pub enum Lhs<'a> {
     },
     /// Not stored as rows (our micro-kernels only): K is `taps.len()` equal segments, segment `t`
     /// of the call's `i`-th output row at `starts[i] + taps[t]`. A stride-1 convolution reads
-    /// its input in place this way, one segment per kernel tap.
+    /// its input in place this way, one segment per kernel tap or per kernel row.
     Taps {
         starts: &'a [*const f32],
         taps: &'a [usize],

@@ -1,12 +1,10 @@
 //! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of up to
 //! `MR` rows kept in L1, and each micro-tile's epilogue.
 
-use super::{avx2, avx512, Finish, Gemm, Kernel, Lhs};
+use super::{avx2, avx512, Finish, Gemm, Kernel, Lhs, KC};
 
 /// The most rows of one micro-kernel call.
 pub const MR: usize = 8;
-/// Depth of one K chunk: a row strip's chunk is 8 KiB of L1.
-const KC: usize = 256;
 /// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
 const GROUP_FLOATS: usize = 1 << 16;
 
