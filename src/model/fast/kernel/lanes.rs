@@ -108,9 +108,11 @@ pub unsafe fn store<L: Lanes>(
     if !s.bias.is_null() {
         y = L::add(y, L::load_first(s.bias.add(col), real));
     }
-    for addend in s.addends[i] {
-        if !addend.is_null() {
-            y = L::add(y, L::load_first(addend.add(col), real));
+    if !s.addends.is_null() {
+        for addend in *s.addends.add(i) {
+            if !addend.is_null() {
+                y = L::add(y, L::load_first(addend.add(s.col0 + col), real));
+            }
         }
     }
     if s.relu {

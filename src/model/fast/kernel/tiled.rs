@@ -83,11 +83,12 @@ pub unsafe fn gemm(g: &Gemm) {
                         width: w.min(b.n - col0),
                         load_c: accumulate || k0 > 0,
                         bias: std::ptr::null(),
-                        addends: [[std::ptr::null(); 2]; MR],
+                        addends: std::ptr::null(),
+                        col0,
                         relu: false,
                     };
                     if let (true, Some(f)) = (last_chunk, finish) {
-                        store.finish(f, at, strip, col0);
+                        store.finish(f, at, col0);
                     }
                     let tile = Tile {
                         taps: chunk_taps,
@@ -127,23 +128,22 @@ pub struct Store {
     pub load_c: bool,
     /// The bias from the panel's first column, or null.
     pub bias: *const f32,
-    /// Each strip row's addend rows from the panel's first column, or null.
-    pub addends: [[*const f32; 2]; MR],
+    /// The strip's first row's addend rows, then the next rows' (pointers to column 0, null for
+    /// none), or null where no row has any.
+    pub addends: *const [*const f32; 2],
+    /// The panel's first column, where the addend rows are read from.
+    pub col0: usize,
     pub relu: bool,
 }
 
 impl Store {
-    /// Takes the epilogue of the call's rows `first..first + strip`, columns from `col0`.
-    unsafe fn finish(&mut self, f: &Finish, first: usize, strip: usize, col0: usize) {
+    /// Takes the epilogue of the call's rows from `first`, columns from `col0`.
+    unsafe fn finish(&mut self, f: &Finish, first: usize, col0: usize) {
         if !f.bias.is_empty() {
             self.bias = f.bias.as_ptr().add(col0);
         }
         if !f.addends.is_empty() {
-            let rows = &mut self.addends[..strip];
-            rows.copy_from_slice(&f.addends[first..first + strip]);
-            for p in rows.iter_mut().flatten().filter(|p| !p.is_null()) {
-                *p = p.add(col0);
-            }
+            self.addends = f.addends[first..].as_ptr();
         }
         self.relu = f.relu;
     }
