@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, prefetch_next, Lanes, Ymm, LINE};
+use super::lanes::{self, prefetch_next, Ymm, LINE};
 use super::tiled::{Store, Tile};
 
 /// One strip of `strip` (1..=6) rows times a panel of 16 columns, or 8 with rows paired.
@@ -86,15 +86,12 @@ unsafe fn micro_pairs<const ROWS: usize, const PREFETCH: bool>(t: &Tile, s: &Sto
         }
         b = b.add(seg / 2 * 16);
     }
-    for (i, [low, high]) in acc.iter().enumerate() {
-        // Pair sums in the order 0 1 4 5 2 3 6 7 (`hadd` works within 128-bit halves), then
-        // the middle 64-bit quarters swapped.
-        let sums = _mm256_castps_pd(_mm256_hadd_ps(*low, *high));
-        let mut y = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(sums));
-        let dst = c.add(i * ldc);
-        if s.load_c {
-            y = _mm256_add_ps(y, Ymm::load_first(dst, s.width));
-        }
-        lanes::store::<Ymm>(y, s.width, s, i, 0, dst);
+    // Pair sums in the order 0 1 4 5 2 3 6 7 (`hadd` works within 128-bit halves), then the
+    // middle 64-bit quarters swapped.
+    let mut sums = [[_mm256_setzero_ps()]; ROWS];
+    for (sum, [low, high]) in sums.iter_mut().zip(acc) {
+        let pairs = _mm256_castps_pd(_mm256_hadd_ps(low, high));
+        sum[0] = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(pairs));
     }
+    lanes::store_tile::<Ymm, ROWS, 1>(sums, s, c, ldc);
 }

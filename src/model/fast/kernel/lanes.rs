@@ -38,15 +38,7 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
 ) {
     let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
     let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
-    let real: [usize; NV] = std::array::from_fn(|v| s.width.saturating_sub(L::N * v).min(L::N));
     let mut acc = [[L::zero(); NV]; ROWS];
-    if s.load_c {
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = L::load_first(c.add(i * ldc + L::N * v), real[v]);
-            }
-        }
-    }
     // K steps `$k` of the tap at `$tap`.
     macro_rules! steps {
         ($tap:expr, $k:expr) => {
@@ -73,11 +65,7 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
         }
         b = b.add(seg * L::N * NV);
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (v, &x) in row.iter().enumerate() {
-            store::<L>(x, real[v], s, i, L::N * v, c.add(i * ldc + L::N * v));
-        }
-    }
+    store_tile::<L, ROWS, NV>(acc, s, c, ldc);
 }
 
 /// K steps in one 64-byte line of A.
@@ -91,8 +79,95 @@ pub unsafe fn prefetch_next(t: &Tile, k: usize) {
     }
 }
 
+/// Stores a strip's sums `y` (row `i`, register `v`: columns `L::N * v..`) into C at `c`, after
+/// what C holds where `s.load_c`, then the store's epilogue. Each step runs over every row
+/// and register with its condition tested once, so that it unrolls and `y` stays in registers;
+/// a panel's padding columns go through the slower partial path. (Plain loops: an iterator
+/// adapter or `array::map` here is std code compiled without the caller's AVX, and calls the
+/// intrinsics out of line.)
+#[inline(always)]
+pub unsafe fn store_tile<L: Lanes, const ROWS: usize, const NV: usize>(
+    y: [[L::V; NV]; ROWS],
+    s: &Store,
+    c: *mut f32,
+    ldc: usize,
+) {
+    if s.width >= L::N * NV {
+        store_columns::<L, ROWS, NV, true>(y, s, c, ldc)
+    } else {
+        store_columns::<L, ROWS, NV, false>(y, s, c, ldc)
+    }
+}
+
+/// [`store_tile`] for `FULL` registers or the panel's `s.width` real columns.
+#[inline(always)]
+unsafe fn store_columns<L: Lanes, const ROWS: usize, const NV: usize, const FULL: bool>(
+    mut y: [[L::V; NV]; ROWS],
+    s: &Store,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let real = |v: usize| {
+        if FULL {
+            L::N
+        } else {
+            s.width.saturating_sub(L::N * v).min(L::N)
+        }
+    };
+    if s.load_c {
+        add_rows::<L, ROWS, NV>(&mut y, real, |i| c.add(i * ldc));
+    }
+    if !s.bias.is_null() {
+        add_rows::<L, ROWS, NV>(&mut y, real, |_| s.bias);
+    }
+    if !s.addends.is_null() {
+        for j in 0..2 {
+            add_rows::<L, ROWS, NV>(&mut y, real, |i| {
+                let addend = (*s.addends.add(i))[j];
+                if addend.is_null() {
+                    addend
+                } else {
+                    addend.add(s.col0)
+                }
+            });
+        }
+    }
+    if s.relu {
+        for row in y.iter_mut() {
+            for x in row.iter_mut() {
+                *x = L::relu(*x);
+            }
+        }
+    }
+    for (i, row) in y.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            L::store_first(c.add(i * ldc + L::N * v), x, real(v));
+        }
+    }
+}
+
+/// Adds the registers at `rows(i)` (`real(v)` lanes of register `v`) to row `i` of `y`, for
+/// every row whose pointer is not null.
+#[inline(always)]
+unsafe fn add_rows<L: Lanes, const ROWS: usize, const NV: usize>(
+    y: &mut [[L::V; NV]; ROWS],
+    real: impl Fn(usize) -> usize,
+    rows: impl Fn(usize) -> *const f32,
+) {
+    for (i, row) in y.iter_mut().enumerate() {
+        let from = rows(i);
+        if from.is_null() {
+            continue;
+        }
+        for (v, x) in row.iter_mut().enumerate() {
+            *x = L::add(*x, L::load_first(from.add(L::N * v), real(v)));
+        }
+    }
+}
+
 /// Stores the first `real` lanes of `y`, columns `col..` of strip row `i`, at `dst` after the
-/// store's epilogue (bias, the row's addends, ReLU).
+/// store's epilogue (bias, the row's addends, ReLU): one register at a time, for the AVX-512
+/// paired kernels.
 #[inline(always)]
 pub unsafe fn store<L: Lanes>(
     mut y: L::V,
