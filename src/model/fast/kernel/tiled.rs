@@ -62,9 +62,7 @@ pub unsafe fn gemm(g: &Gemm) {
                 let at = r0 - rows.start;
                 match a {
                     Lhs::Rows { a, lda, .. } => {
-                        for (i, row) in a_rows[..strip].iter_mut().enumerate() {
-                            *row = a.add((at + i) * lda);
-                        }
+                        fill_rows(&mut a_rows[..strip], a.add(at * lda), lda)
                     }
                     Lhs::Taps { starts, .. } => {
                         a_rows[..strip].copy_from_slice(&starts[at..at + strip])
@@ -72,10 +70,8 @@ pub unsafe fn gemm(g: &Gemm) {
                 }
                 let mut next = [std::ptr::null(); MR];
                 if let Some((a, lda)) = prefetched {
-                    let next_rows = r0 + strip..(r0 + strip + strip_rows).min(rows.end);
-                    for (row, r) in next.iter_mut().zip(next_rows) {
-                        *row = a.add((r - rows.start) * lda);
-                    }
+                    let next_strip = strip_rows.min(rows.end - r0 - strip);
+                    fill_rows(&mut next[..next_strip], a.add((at + strip) * lda), lda);
                 }
                 for p in first..(first + group).min(panels.end) {
                     let col0 = p * w;
@@ -108,6 +104,17 @@ pub unsafe fn gemm(g: &Gemm) {
                 }
             }
         }
+    }
+}
+
+/// `rows` with the pointers to the rows from `first`, `lda` apart: by adding, which LLVM
+/// does not turn into 64-bit vector multiplies (emulated, a few percent of the octave nets).
+#[inline(always)]
+unsafe fn fill_rows(rows: &mut [*const f32], first: *const f32, lda: usize) {
+    let mut row = first;
+    for slot in rows {
+        *slot = row;
+        row = row.wrapping_add(lda);
     }
 }
 
