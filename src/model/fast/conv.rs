@@ -567,16 +567,21 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
         starts.resize(rows.len(), std::ptr::null());
         let (mut image, mut oy, mut ox) = (first_image, first_line, first % wo);
         let mut line = (oy - lines(image).start) * line_len;
-        for start in starts.iter_mut() {
-            *start = band[line + ox * c..].as_ptr();
-            ox += 1;
-            if ox == wo {
-                (ox, oy) = (0, oy + 1);
-                line += line_len;
-                if oy == ho {
-                    (oy, image) = (0, image + 1);
-                    line = band_start(image);
-                }
+        // Output line by output line: within one, the starts are `c` apart.
+        let mut rest = &mut starts[..];
+        while !rest.is_empty() {
+            let (this_line, later) = rest.split_at_mut((wo - ox).min(rest.len()));
+            let mut start = band[line + ox * c..].as_ptr();
+            for slot in this_line {
+                *slot = start;
+                start = start.wrapping_add(c);
+            }
+            rest = later;
+            (ox, oy) = (0, oy + 1);
+            line += line_len;
+            if oy == ho {
+                (oy, image) = (0, image + 1);
+                line = band_start(image);
             }
         }
         let taps = conv.tap_offsets(w + 2 * pad);
