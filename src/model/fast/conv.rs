@@ -571,11 +571,7 @@ fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(
         let mut rest = &mut starts[..];
         while !rest.is_empty() {
             let (this_line, later) = rest.split_at_mut((wo - ox).min(rest.len()));
-            let mut start = band[line + ox * c..].as_ptr();
-            for slot in this_line {
-                *slot = start;
-                start = start.wrapping_add(c);
-            }
+            kernel::fill_strided(this_line, band[line + ox * c..].as_ptr(), c);
             rest = later;
             (ox, oy) = (0, oy + 1);
             line += line_len;

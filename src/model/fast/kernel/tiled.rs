@@ -1,7 +1,7 @@
 //! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of up to
 //! `MR` rows kept in L1, and each micro-tile's epilogue.
 
-use super::{avx2, avx512, Finish, Gemm, Kernel, Lhs, KC};
+use super::{avx2, avx512, fill_strided, Finish, Gemm, Kernel, Lhs, KC};
 
 /// The most rows of one micro-kernel call.
 pub const MR: usize = 8;
@@ -62,7 +62,7 @@ pub unsafe fn gemm(g: &Gemm) {
                 let at = r0 - rows.start;
                 match a {
                     Lhs::Rows { a, lda, .. } => {
-                        fill_rows(&mut a_rows[..strip], a.add(at * lda), lda)
+                        fill_strided(&mut a_rows[..strip], a.add(at * lda), lda)
                     }
                     Lhs::Taps { starts, .. } => {
                         a_rows[..strip].copy_from_slice(&starts[at..at + strip])
@@ -71,7 +71,7 @@ pub unsafe fn gemm(g: &Gemm) {
                 let mut next = [std::ptr::null(); MR];
                 if let Some((a, lda)) = prefetched {
                     let next_strip = strip_rows.min(rows.end - r0 - strip);
-                    fill_rows(&mut next[..next_strip], a.add((at + strip) * lda), lda);
+                    fill_strided(&mut next[..next_strip], a.add((at + strip) * lda), lda);
                 }
                 for p in first..(first + group).min(panels.end) {
                     let col0 = p * w;
@@ -104,17 +104,6 @@ pub unsafe fn gemm(g: &Gemm) {
                 }
             }
         }
-    }
-}
-
-/// `rows` with the pointers to the rows from `first`, `lda` apart: by adding, which LLVM
-/// does not turn into 64-bit vector multiplies (emulated, a few percent of the octave nets).
-#[inline(always)]
-unsafe fn fill_rows(rows: &mut [*const f32], first: *const f32, lda: usize) {
-    let mut row = first;
-    for slot in rows {
-        *slot = row;
-        row = row.wrapping_add(lda);
     }
 }
 
