@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, Lanes, Zmm};
+use super::lanes::{self, Ymm, Zmm};
 use super::tiled::{Store, Tile};
 
 /// The two floats at `$src` in every 64-bit lane of a register, by the integer broadcast: as a
@@ -50,29 +50,32 @@ unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
 /// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
-/// halves are summed when stored.
+/// halves are summed before the store. Plain indexed loops, as in [`lanes::micro`]: with the
+/// iterator loops this had until the tenth session, LLVM kept the accumulators on the stack
+/// and stored every one after each FMA (Resnet-20's 16-channel layers 2.5 times as slow).
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    let (taps, seg, a, mut b, c, ldc) = (t.taps, t.seg, t.a, t.b, t.c, t.ldc);
+    let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
+    let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
     let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
     // One paired K step `kp`, with `$a(i)` the A register of row `i`.
     macro_rules! step {
         ($kp:expr, $a:expr) => {{
             let mut bv = [_mm512_setzero_ps(); NV];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(b.add(($kp * NV + v) * 16));
+            for v in 0..NV {
+                bv[v] = _mm512_loadu_ps(b.add(($kp * NV + v) * 16));
             }
-            for (i, row) in acc.iter_mut().enumerate() {
+            for i in 0..ROWS {
                 let av = $a(i);
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+                for v in 0..NV {
+                    acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
                 }
             }
         }};
     }
     for &tap in taps {
         for kp in 0..seg / 2 {
-            step!(kp, |i: usize| { broadcast_pair!(a[i].add(tap + 2 * kp)) });
+            step!(kp, |i: usize| broadcast_pair!(a[i].add(tap + 2 * kp)));
         }
         if seg % 2 == 1 {
             // The last, unpaired step of K (segments are even where there are several):
@@ -83,17 +86,26 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
         }
         b = b.add(seg / 2 * 16 * NV);
     }
-    let even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (i, row) in acc.iter().enumerate() {
-        for (v, &x) in row.iter().enumerate() {
-            let real = s.width.saturating_sub(8 * v).min(8);
-            let sum = _mm512_add_ps(x, _mm512_permute_ps::<0b1011_0001>(x));
-            let mut y = _mm512_permutexvar_ps(even_lanes, sum);
-            let dst = c.add(i * ldc + 8 * v);
-            if s.load_c {
-                y = _mm512_add_ps(y, Zmm::load_first(dst, real));
-            }
-            lanes::store::<Zmm>(y, real, s, i, 8 * v, dst);
+    // Each lane plus its partner, in the even lanes; those gathered in column order: 16
+    // columns in one register from two, or 8 in the low half of one.
+    let mut sums = [[_mm512_setzero_ps(); NV]; ROWS];
+    for i in 0..ROWS {
+        for v in 0..NV {
+            sums[i][v] = _mm512_add_ps(acc[i][v], _mm512_permute_ps::<0b1011_0001>(acc[i][v]));
         }
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    if NV == 2 {
+        let mut y = [[_mm512_setzero_ps()]; ROWS];
+        for i in 0..ROWS {
+            y[i][0] = _mm512_permutex2var_ps(sums[i][0], even, sums[i][1]);
+        }
+        lanes::store_tile::<Zmm, ROWS, 1>(y, s, c, ldc);
+    } else {
+        let mut y = [[_mm256_setzero_ps()]; ROWS];
+        for i in 0..ROWS {
+            y[i][0] = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sums[i][0]));
+        }
+        lanes::store_tile::<Ymm, ROWS, 1>(y, s, c, ldc);
     }
 }

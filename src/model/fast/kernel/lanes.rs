@@ -165,37 +165,6 @@ unsafe fn add_rows<L: Lanes, const ROWS: usize, const NV: usize>(
     }
 }
 
-/// Stores the first `real` lanes of `y`, columns `col..` of strip row `i`, at `dst` after the
-/// store's epilogue (bias, the row's addends, ReLU): one register at a time, for the AVX-512
-/// paired kernels.
-#[inline(always)]
-pub unsafe fn store<L: Lanes>(
-    mut y: L::V,
-    real: usize,
-    s: &Store,
-    i: usize,
-    col: usize,
-    dst: *mut f32,
-) {
-    if real == 0 {
-        return;
-    }
-    if !s.bias.is_null() {
-        y = L::add(y, L::load_first(s.bias.add(col), real));
-    }
-    if !s.addends.is_null() {
-        for addend in *s.addends.add(i) {
-            if !addend.is_null() {
-                y = L::add(y, L::load_first(addend.add(s.col0 + col), real));
-            }
-        }
-    }
-    if s.relu {
-        y = L::relu(y);
-    }
-    L::store_first(dst, y, real);
-}
-
 /// 16 lanes, partial ones masked.
 pub struct Zmm;
 
