@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, Ymm, Zmm};
+use super::lanes::{self, prefetch_next, Ymm, Zmm, LINE};
 use super::tiled::{Store, Tile};
 
 /// The two floats at `$src` in every 64-bit lane of a register, by the integer broadcast: as a
@@ -27,12 +27,16 @@ macro_rules! broadcast_pair {
 pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile, s: &Store) {
     macro_rules! call {
         ($($rows:literal)*) => {
-            match (strip, panel_width, pairs) {
+            match (strip, panel_width, pairs, !t.next.is_null()) {
                 $(
-                    ($rows, 32, _) => micro::<$rows, 2>(t, s),
-                    ($rows, 16, true) => micro_pairs::<$rows, 2>(t, s),
-                    ($rows, 8, true) => micro_pairs::<$rows, 1>(t, s),
-                    ($rows, _, _) => micro::<$rows, 1>(t, s),
+                    ($rows, 32, _, false) => micro::<$rows, 2, false>(t, s),
+                    ($rows, 32, _, true) => micro::<$rows, 2, true>(t, s),
+                    ($rows, 16, true, false) => micro_pairs::<$rows, 2, false>(t, s),
+                    ($rows, 16, true, true) => micro_pairs::<$rows, 2, true>(t, s),
+                    ($rows, 8, true, false) => micro_pairs::<$rows, 1, false>(t, s),
+                    ($rows, 8, true, true) => micro_pairs::<$rows, 1, true>(t, s),
+                    ($rows, _, _, false) => micro::<$rows, 1, false>(t, s),
+                    ($rows, _, _, true) => micro::<$rows, 1, true>(t, s),
                 )*
                 _ => unreachable!("strips have 1..=MR rows"),
             }
@@ -43,18 +47,20 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile
 
 /// `ROWS x (16 * NV)` of the tile.
 #[target_feature(enable = "avx512f")]
-unsafe fn micro<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
-    // Without prefetching: not measured on an AVX-512 core yet.
-    lanes::micro::<Zmm, ROWS, NV, false>(t, s)
+unsafe fn micro<const ROWS: usize, const NV: usize, const PREFETCH: bool>(t: &Tile, s: &Store) {
+    lanes::micro::<Zmm, ROWS, NV, PREFETCH>(t, s)
 }
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
 /// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
-/// halves are summed before the store. Plain indexed loops, as in [`lanes::micro`]: with the
+/// halves are summed before the store. `PREFETCH` as in [`lanes::micro`]. Plain indexed loops, as in [`lanes::micro`]: with the
 /// iterator loops this had until the tenth session, LLVM kept the accumulators on the stack
 /// and stored every one after each FMA (Resnet-20's 16-channel layers 2.5 times as slow).
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
+unsafe fn micro_pairs<const ROWS: usize, const NV: usize, const PREFETCH: bool>(
+    t: &Tile,
+    s: &Store,
+) {
     let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
     let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
     let mut acc = [[_mm512_setzero_ps(); NV]; ROWS];
@@ -74,8 +80,18 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize>(t: &Tile, s: &Store) {
         }};
     }
     for &tap in taps {
-        for kp in 0..seg / 2 {
-            step!(kp, |i: usize| broadcast_pair!(a[i].add(tap + 2 * kp)));
+        let pairs = |kp: usize| move |i: usize| broadcast_pair!(a[i].add(tap + 2 * kp));
+        if !PREFETCH {
+            for kp in 0..seg / 2 {
+                step!(kp, pairs(kp));
+            }
+        } else {
+            for line in (0..seg / 2).step_by(LINE / 2) {
+                prefetch_next(t, tap + 2 * line);
+                for kp in line..(line + LINE / 2).min(seg / 2) {
+                    step!(kp, pairs(kp));
+                }
+            }
         }
         if seg % 2 == 1 {
             // The last, unpaired step of K (segments are even where there are several):

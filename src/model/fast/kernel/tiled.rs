@@ -23,13 +23,13 @@ pub unsafe fn gemm(g: &Gemm) {
     let w = b.width;
     let strip_rows = strip_rows(b.kernel);
     // A whose next strip the kernel prefetches: a map read from memory (taps, bands and patch
-    // rows are built just before, in cache), on the kernels that prefetch (AVX2 so far).
+    // rows are built just before, in cache).
     let prefetched = match a {
         Lhs::Rows {
             a,
             lda,
             in_map: true,
-        } if b.kernel == Kernel::Avx2 => Some((a, lda)),
+        } => Some((a, lda)),
         _ => None,
     };
     let panels = cols.start / w..cols.end.div_ceil(w);
@@ -157,7 +157,8 @@ pub struct Tile<'a> {
     /// lines as it steps through K. A strip of a narrow GEMM passes over few panels, so it
     /// waits on memory for A. On Zen 3 a C replica of this loop ran Oct-ResNet-50 layer1's
     /// 1x1 shape at batch 4 (12544 x 128 x 32) 1.5-1.7 times as fast with it, and those convs
-    /// in the net about 10% faster (BENCHMARKS.md).
+    /// in the net about 10% faster; on Zen 4's AVX-512 kernels it made both ResNet-50s about 5%
+    /// faster at batch 8 (BENCHMARKS.md).
     pub next: *const [*const f32; MR],
     pub b: *const f32,
     pub c: *mut f32,
