@@ -299,24 +299,35 @@ impl Epilogue<'_> {
         if self.residual.is_none() && self.upsampled.is_none() {
             return;
         }
-        let (mut image, mut y, mut x) = (
-            rows.start / (ho * wo),
-            rows.start / wo % ho,
-            rows.start % wo,
-        );
         // Filled in place, not pushed: `dst` is thread-local, and a push per row stored its
-        // length back through TLS every time.
+        // length back through TLS every time. Pointers stepped, not indexed per row.
         dst.resize(rows.len(), [std::ptr::null(); 2]);
-        for (r, slot) in rows.zip(dst.iter_mut()) {
-            let residual = self
-                .residual
-                .map_or(std::ptr::null(), |res| res.data[r * c..].as_ptr());
-            let upsampled = self.upsampled.map_or(std::ptr::null(), |low| {
-                low.data[((image * low.h + y / 2) * low.w + x / 2) * c..].as_ptr()
-            });
-            *slot = [residual, upsampled];
-            x += 1;
-            if x == wo {
+        if let Some(residual) = self.residual {
+            let mut from = residual.data[rows.start * c..].as_ptr();
+            for slot in dst.iter_mut() {
+                slot[0] = from;
+                from = from.wrapping_add(c);
+            }
+        }
+        if let Some(low) = self.upsampled {
+            // Output line by output line: each low pixel is read by two output pixels in a row.
+            let (mut image, mut y, mut x) = (
+                rows.start / (ho * wo),
+                rows.start / wo % ho,
+                rows.start % wo,
+            );
+            let mut rest = &mut dst[..];
+            while !rest.is_empty() {
+                let (line, later) = rest.split_at_mut((wo - x).min(rest.len()));
+                let mut from = low.data[((image * low.h + y / 2) * low.w + x / 2) * c..].as_ptr();
+                for slot in line.iter_mut() {
+                    slot[1] = from;
+                    x += 1;
+                    if x % 2 == 0 {
+                        from = from.wrapping_add(c);
+                    }
+                }
+                rest = later;
                 (x, y) = (0, y + 1);
                 if y == ho {
                     (y, image) = (0, image + 1);
