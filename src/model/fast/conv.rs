@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Result, Tensor};
 
-use super::kernel::{self, Finish, Gemm, Kernel, Lhs, PackedB};
+use super::kernel::{self, tap_segment, Finish, Gemm, Kernel, Lhs, PackedB};
 use super::map::{avg_pool2x2, pooled_line, Map};
 use super::threads;
 use crate::alloc::uncounted;
@@ -69,12 +69,18 @@ impl PackedConv {
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
+        let depth = kernel * kernel * c_in;
+        let segment = if kernel > 1 && stride == 1 {
+            tap_segment(kernel, c_in)
+        } else {
+            depth
+        };
         Ok(Self {
             kernel,
             stride,
             padding,
             c_in,
-            weights: PackedB::new(&weight, kernel * kernel * c_in, c_out, gemm),
+            weights: PackedB::new(&weight, depth, c_out, gemm, segment),
         })
     }
 
@@ -103,7 +109,9 @@ impl PackedConv {
     /// copies of the input lines (see [`tap_block`]) instead of building patch rows. Paired
     /// panels need each tap's channels in whole pairs.
     fn reads_taps(&self) -> bool {
-        self.kernel > 1 && self.stride == 1 && self.weights.takes_taps(self.c_in)
+        self.kernel > 1
+            && self.stride == 1
+            && self.weights.takes_taps(tap_segment(self.kernel, self.c_in))
     }
 
     /// Whether the convolution can read `avg_pool2x2(input)` pooled as it goes
@@ -114,10 +122,10 @@ impl PackedConv {
 
     /// Where each K segment of output pixel 0 starts in a band of input lines `padded_width`
     /// wide: the A offsets of a tap-reading GEMM. A segment is one tap `(ky, kx)` or, where the
-    /// kernel takes them as one, the whole kernel row `ky` ([`PackedB::tap_segment`]).
+    /// kernel takes them as one, the whole kernel row `ky` ([`tap_segment`]).
     fn tap_offsets(&self, padded_width: usize) -> Vec<usize> {
         let (k, c) = (self.kernel, self.c_in);
-        let per_row = self.weights.tap_segment(k, c) / c;
+        let per_row = tap_segment(k, c) / c;
         (0..k * k)
             .step_by(per_row)
             .map(|t| ((t / k) * padded_width + t % k) * c)
@@ -673,8 +681,8 @@ mod tests {
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
     /// and column tails, through every kernel this CPU has: equal to the direct definition.
-    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, micro-kernels),
-    /// on plain and paired panels.
+    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, micro-kernels;
+    /// odd channels on unpaired panels), on plain and paired panels.
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
         let shapes = [(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (5, 1)];

@@ -37,19 +37,22 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// From row-major `[k, n]`. For the AVX-512 kernel, panels are 32 wide, or for narrow
-    /// outputs (<= 16 columns) 8 or 16 wide with rows paired, so that one 16-lane register
-    /// holds two steps of K and little of the work multiplies padding. For the AVX2 kernel,
-    /// 16 wide (two registers), or for outputs of up to 8 columns 8 wide with rows paired (two
-    /// registers of 4 columns x 2 steps). The `gemm` crate
-    /// packs for itself and takes one panel as wide as the matrix.
-    pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel) -> Self {
+    /// From row-major `[k, n]`, for a GEMM that reads A in segments of `segment` K steps
+    /// (`k` for plain rows, see [`Lhs::Taps`]). For the AVX-512 kernel, panels are 32 wide,
+    /// or for narrow outputs (<= 16 columns) 8 or 16 wide with rows paired, so that one
+    /// 16-lane register holds two steps of K and little of the work multiplies padding. For
+    /// the AVX2 kernel, 16 wide (two registers), or for outputs of up to 8 columns 8 wide with
+    /// rows paired (two registers of 4 columns x 2 steps). Pairs must not straddle segments,
+    /// so odd segments (a kernel row of a 1- or 3-channel input) get unpaired panels of 16.
+    /// The `gemm` crate packs for itself and takes one panel as wide as the matrix.
+    pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel, segment: usize) -> Self {
         assert_eq!(weights.len(), k * n);
+        let pairs = segment.is_multiple_of(2) || segment == k;
         let (width, pairs) = match kernel {
-            Kernel::Avx512 if n <= 8 => (8, true),
-            Kernel::Avx512 if n <= 16 => (16, true),
+            Kernel::Avx512 if n <= 8 && pairs => (8, true),
+            Kernel::Avx512 if n <= 16 => (16, pairs),
             Kernel::Avx512 => (32, false),
-            Kernel::Avx2 if n <= 8 => (8, true),
+            Kernel::Avx2 if n <= 8 && pairs => (8, true),
             Kernel::Avx2 => (16, false),
             Kernel::Portable => (n, false),
         };
@@ -86,18 +89,6 @@ impl PackedB {
         self.kernel != Kernel::Portable && (segment.is_multiple_of(2) || !self.pairs)
     }
 
-    /// K steps per segment of a convolution read by taps (`k x k` taps of `c` input channels,
-    /// see [`Lhs::Taps`]): a kernel row's `k` taps lie next to each other in a line of the
-    /// input, so where they fit in one K chunk they are one segment. Fewer, longer inner loops
-    /// for the narrow octave layers, whose taps are 8 or 16 steps.
-    pub fn tap_segment(&self, k: usize, c: usize) -> usize {
-        if k * c <= KC {
-            k * c
-        } else {
-            c
-        }
-    }
-
     /// Column blocks handed to different threads start on multiples of this.
     pub fn column_align(&self) -> usize {
         match self.kernel {
@@ -110,6 +101,18 @@ impl PackedB {
     fn panel_from(&self, p: usize, k0: usize) -> &[f32] {
         let len = panel_len(self.k, self.width);
         &self.data[p * len + k0 * self.width..(p + 1) * len]
+    }
+}
+
+/// K steps per segment of a convolution read by taps (`k x k` taps of `c` input channels, see
+/// [`Lhs::Taps`]): a kernel row's `k` taps lie next to each other in a line of the input, so
+/// where they fit in one K chunk they are one segment. Fewer, longer inner loops for the
+/// narrow octave layers, whose taps are 8 or 16 steps.
+pub fn tap_segment(k: usize, c: usize) -> usize {
+    if k * c <= KC {
+        k * c
+    } else {
+        c
     }
 }
 
