@@ -272,6 +272,11 @@ impl<'a> Term<'a> {
     }
 
     /// The height and width the convolution reads.
+    /// Whether the GEMM reads the input map itself as A, copying nothing.
+    fn reads_in_place(&self) -> bool {
+        self.conv.reads_input_directly() && !self.pooled && self.appended.is_none()
+    }
+
     fn grid(&self) -> (usize, usize) {
         let (h, w) = (self.input.h, self.input.w);
         if self.pooled {
@@ -345,6 +350,9 @@ impl Epilogue<'_> {
     }
 }
 
+/// The fewest rows per thread of a GEMM that copies its input and is split by rows.
+const MIN_SPLIT_ROWS: usize = 16;
+
 /// A rectangle of the output matrix (`pixels x channels`) computed by one task.
 #[derive(Clone, Debug)]
 struct Block {
@@ -353,13 +361,24 @@ struct Block {
 }
 
 /// Splits `m x n` into tiles of about `tile_rows` rows, at least one per thread: by rows while
-/// there are enough, otherwise by columns as well (the small late layers at batch 1). Column
-/// blocks start on multiples of `align`.
-fn blocks(m: usize, n: usize, tile_rows: usize, threads: usize, align: usize) -> Vec<Block> {
+/// there are enough, otherwise by columns as well (the small late layers at batch 1). Where
+/// the GEMM reads copies of its input (a band of lines, patch rows), each task copies its own
+/// rows' input, so those split by rows down to [`MIN_SPLIT_ROWS`] per thread: split by
+/// columns, every task would copy all of it. Column blocks start on multiples of `align`.
+fn blocks(
+    m: usize,
+    n: usize,
+    tile_rows: usize,
+    threads: usize,
+    align: usize,
+    copies_input: bool,
+) -> Vec<Block> {
     let mut row_tiles = m.div_ceil(tile_rows).max(1);
     let mut col_tiles = 1;
     if row_tiles >= threads {
         row_tiles = row_tiles.next_multiple_of(threads);
+    } else if copies_input && m >= threads * MIN_SPLIT_ROWS {
+        row_tiles = threads;
     } else {
         col_tiles = threads.min(n.div_ceil(align)).max(1);
     }
@@ -420,7 +439,9 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     // the batch, and a thread waiting here may run other callers' work: none of it is part of
     // the feature maps this pass holds (see `crate::alloc`).
     uncounted(|| {
-        let blocks = blocks(m, c_out, tile_rows, threads::available(), align);
+        let copies_input = terms.iter().any(|t| !t.reads_in_place());
+        let threads = threads::available();
+        let blocks = blocks(m, c_out, tile_rows, threads, align, copies_input);
         threads::for_each_task(blocks, |block| {
             ADDENDS.with_borrow_mut(|addends| {
                 epilogue.locate_addends(block.rows.clone(), (ho, wo, c_out), addends);
@@ -477,7 +498,7 @@ fn gemm_block(
         }
     };
     let read_as_is = !term.pooled && term.appended.is_none();
-    if conv.reads_input_directly() && read_as_is {
+    if term.reads_in_place() {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
         return run(Lhs::Rows {
             a,
@@ -837,9 +858,12 @@ mod tests {
     }
 
     #[test]
-    fn blocks_cover_the_matrix_once_and_split_columns_when_rows_are_few() {
-        for &(m, n, tile, threads) in &[(3136, 64, 455, 2), (49, 512, 56, 2), (10, 10, 512, 2)] {
-            let bs = blocks(m, n, tile, threads, 32);
+    fn blocks_cover_the_matrix_once_and_split_by_columns_only_where_rows_are_few() {
+        let cases = [(3136, 64, 455, 2), (49, 512, 56, 2), (10, 10, 512, 2)];
+        for (&(m, n, tile, threads), copies_input) in
+            cases.iter().flat_map(|c| [(c, false), (c, true)])
+        {
+            let bs = blocks(m, n, tile, threads, 32, copies_input);
             let mut seen = vec![0u8; m * n];
             for b in &bs {
                 assert_eq!(b.cols.start % 32, 0);
@@ -851,6 +875,11 @@ mod tests {
             }
             assert!(seen.iter().all(|&s| s == 1), "{m}x{n}");
             assert!(bs.len() >= threads.min(n.div_ceil(32)), "{m}x{n}: {bs:?}");
+            // Whole rows per task where there are enough rows (the 7x7 map is enough for a
+            // GEMM that copies its input) or one column block.
+            let by_rows = bs.iter().all(|b| b.cols == (0..n));
+            let enough = m > tile || (copies_input && m >= threads * MIN_SPLIT_ROWS);
+            assert_eq!(by_rows, enough || n <= 32, "{m}x{n}: {bs:?}");
         }
     }
 }
