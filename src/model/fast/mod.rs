@@ -11,8 +11,9 @@
 //! - the convolutions feeding one frequency branch accumulate into the same output tile, and
 //!   bias, residual add, the upsampled L->H add and ReLU are applied to that tile before it
 //!   leaves the cache ([`conv::conv_sum`]);
-//! - tiles are spread over the threads, by columns as well when a layer has few pixels, so
-//!   batch 1 uses every core.
+//! - tiles are spread over the threads, by columns as well when a layer has few pixels and its
+//!   GEMM reads the map in place (not copies of it each task would repeat), so batch 1 uses
+//!   every core.
 //!
 //! [`FastNet`] is a candle [`CustomOp1`]: `Model::forward` applies it to the input tensor on
 //! the CPU, and runs the plain candle network on other devices and dtypes.
