@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, prefetch_next, Ymm, LINE};
+use super::lanes::{self, Ymm};
 use super::tiled::{Store, Tile};
 
 /// One strip of `strip` (1..=6) rows times a panel of 16 columns, or 8 with rows paired.
@@ -62,28 +62,21 @@ unsafe fn micro_pairs<const ROWS: usize, const PREFETCH: bool>(t: &Tile, s: &Sto
                 _mm256_castpd_ps(_mm256_set1_pd(pair))
             }
         };
-        if !PREFETCH {
-            for kp in 0..seg / 2 {
-                step!(kp, pairs(kp));
-            }
-        } else {
-            for line in (0..seg / 2).step_by(LINE / 2) {
-                prefetch_next(t, tap + 2 * line);
-                for kp in line..(line + LINE / 2).min(seg / 2) {
-                    step!(kp, pairs(kp));
-                }
-            }
-        }
-        if seg % 2 == 1 {
-            // The last, unpaired step of K (segments are even where there are several): its
-            // partner lanes get 0 (the panel's padding row is 0).
-            step!(seg / 2, |i: usize| {
-                _mm256_blend_ps::<0b0101_0101>(
-                    _mm256_setzero_ps(),
-                    _mm256_broadcast_ss(&*a[i].add(tap + seg - 1)),
-                )
-            });
-        }
+        // The odd step's partner lanes get 0 (the panel's padding row is 0).
+        let odd = |i: usize| {
+            _mm256_blend_ps::<0b0101_0101>(
+                _mm256_setzero_ps(),
+                _mm256_broadcast_ss(&*a[i].add(tap + seg - 1)),
+            )
+        };
+        lanes::paired_segment!(
+            t,
+            tap,
+            seg,
+            PREFETCH,
+            |kp| step!(kp, pairs(kp)),
+            step!(seg / 2, odd)
+        );
         b = b.add(seg / 2 * 16);
     }
     // Pair sums in the order 0 1 4 5 2 3 6 7 (`hadd` works within 128-bit halves), then the

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::lanes::{self, prefetch_next, Ymm, Zmm, LINE};
+use super::lanes::{self, Ymm, Zmm};
 use super::tiled::{Store, Tile};
 
 /// The two floats at `$src` in every 64-bit lane of a register, by the integer broadcast: as a
@@ -53,9 +53,10 @@ unsafe fn micro<const ROWS: usize, const NV: usize, const PREFETCH: bool>(t: &Ti
 
 /// `ROWS x (8 * NV)` of C from paired panels: each 16-lane register holds 8 columns for
 /// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
-/// halves are summed before the store. `PREFETCH` as in [`lanes::micro`]. Plain indexed loops, as in [`lanes::micro`]: with the
-/// iterator loops this had until the tenth session, LLVM kept the accumulators on the stack
-/// and stored every one after each FMA (Resnet-20's 16-channel layers 2.5 times as slow).
+/// halves are summed before the store. `PREFETCH` as in [`lanes::micro`]. Plain indexed
+/// loops, as in [`lanes::micro`]: with the iterator loops this had until the tenth session,
+/// LLVM kept the accumulators on the stack and stored every one after each FMA (ResNet-20's
+/// 16-channel layers 2.5 times as slow).
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_pairs<const ROWS: usize, const NV: usize, const PREFETCH: bool>(
     t: &Tile,
@@ -81,25 +82,16 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize, const PREFETCH: bool>(
     }
     for &tap in taps {
         let pairs = |kp: usize| move |i: usize| broadcast_pair!(a[i].add(tap + 2 * kp));
-        if !PREFETCH {
-            for kp in 0..seg / 2 {
-                step!(kp, pairs(kp));
-            }
-        } else {
-            for line in (0..seg / 2).step_by(LINE / 2) {
-                prefetch_next(t, tap + 2 * line);
-                for kp in line..(line + LINE / 2).min(seg / 2) {
-                    step!(kp, pairs(kp));
-                }
-            }
-        }
-        if seg % 2 == 1 {
-            // The last, unpaired step of K (segments are even where there are several):
-            // its partner lanes get 0 (the panel's padding row is 0).
-            step!(seg / 2, |i: usize| {
-                _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a[i].add(tap + seg - 1)))
-            });
-        }
+        // The odd step's partner lanes get 0 (the panel's padding row is 0).
+        let odd = |i: usize| _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a[i].add(tap + seg - 1)));
+        lanes::paired_segment!(
+            t,
+            tap,
+            seg,
+            PREFETCH,
+            |kp| step!(kp, pairs(kp)),
+            step!(seg / 2, odd)
+        );
         b = b.add(seg / 2 * 16 * NV);
     }
     // Each lane plus its partner, in the even lanes; those gathered in column order: 16

@@ -68,6 +68,33 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
     store_tile::<L, ROWS, NV>(acc, s, c, ldc);
 }
 
+/// The K steps of one tap's segment of `$seg` steps at `$tap`, on paired panels: `$pair` for
+/// each pair `$kp` of steps, the next strip's rows prefetched on the way where `$prefetch` (as
+/// in [`micro`]), then `$odd` for the last, unpaired step of an odd segment (segments are even
+/// where there are several). A macro rather than a function taking closures, so that no
+/// closure borrows the caller's accumulators, which LLVM may then leave on the stack.
+macro_rules! paired_segment {
+    ($t:expr, $tap:expr, $seg:expr, $prefetch:expr, |$kp:ident| $pair:expr, $odd:expr) => {{
+        use $crate::model::fast::kernel::lanes::{prefetch_next, LINE};
+        if !$prefetch {
+            for $kp in 0..$seg / 2 {
+                $pair;
+            }
+        } else {
+            for line in (0..$seg / 2).step_by(LINE / 2) {
+                prefetch_next($t, $tap + 2 * line);
+                for $kp in line..(line + LINE / 2).min($seg / 2) {
+                    $pair;
+                }
+            }
+        }
+        if $seg % 2 == 1 {
+            $odd;
+        }
+    }};
+}
+pub(super) use paired_segment;
+
 /// K steps in one 64-byte line of A.
 pub const LINE: usize = 16;
 
