@@ -69,14 +69,7 @@ unsafe fn micro_pairs<const ROWS: usize, const PREFETCH: bool>(t: &Tile, s: &Sto
                 _mm256_broadcast_ss(&*a[i].add(tap + seg - 1)),
             )
         };
-        lanes::paired_segment!(
-            t,
-            tap,
-            seg,
-            PREFETCH,
-            |kp| step!(kp, pairs(kp)),
-            step!(seg / 2, odd)
-        );
+        lanes::paired_segment!(t, tap, seg, PREFETCH, step, pairs, odd);
         b = b.add(seg / 2 * 16);
     }
     // Pair sums in the order 0 1 4 5 2 3 6 7 (`hadd` works within 128-bit halves), then the

@@ -84,14 +84,7 @@ unsafe fn micro_pairs<const ROWS: usize, const NV: usize, const PREFETCH: bool>(
         let pairs = |kp: usize| move |i: usize| broadcast_pair!(a[i].add(tap + 2 * kp));
         // The odd step's partner lanes get 0 (the panel's padding row is 0).
         let odd = |i: usize| _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(*a[i].add(tap + seg - 1)));
-        lanes::paired_segment!(
-            t,
-            tap,
-            seg,
-            PREFETCH,
-            |kp| step!(kp, pairs(kp)),
-            step!(seg / 2, odd)
-        );
+        lanes::paired_segment!(t, tap, seg, PREFETCH, step, pairs, odd);
         b = b.add(seg / 2 * 16 * NV);
     }
     // Each lane plus its partner, in the even lanes; those gathered in column order: 16

@@ -68,28 +68,29 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
     store_tile::<L, ROWS, NV>(acc, s, c, ldc);
 }
 
-/// The K steps of one tap's segment of `$seg` steps at `$tap`, on paired panels: `$pair` for
-/// each pair `$kp` of steps, the next strip's rows prefetched on the way where `$prefetch` (as
-/// in [`micro`]), then `$odd` for the last, unpaired step of an odd segment (segments are even
-/// where there are several). A macro rather than a function taking closures, so that no
-/// closure borrows the caller's accumulators, which LLVM may then leave on the stack.
+/// The K steps of one tap's segment of `$seg` steps at `$tap`, on paired panels: the kernel's
+/// `$step!(kp, a)` for each pair `kp` of steps with A registers `$pairs(kp)`, the next strip's
+/// rows prefetched on the way where `$prefetch` (as in [`micro`]), then for the last, unpaired
+/// step of an odd segment (segments are even where there are several) with A registers `$odd`.
+/// A macro rather than a function taking closures, so that no closure borrows the kernel's
+/// accumulators, which LLVM may then leave on the stack.
 macro_rules! paired_segment {
-    ($t:expr, $tap:expr, $seg:expr, $prefetch:expr, |$kp:ident| $pair:expr, $odd:expr) => {{
+    ($t:expr, $tap:expr, $seg:expr, $prefetch:expr, $step:ident, $pairs:expr, $odd:expr) => {{
         use $crate::model::fast::kernel::lanes::{prefetch_next, LINE};
         if !$prefetch {
-            for $kp in 0..$seg / 2 {
-                $pair;
+            for kp in 0..$seg / 2 {
+                $step!(kp, $pairs(kp));
             }
         } else {
             for line in (0..$seg / 2).step_by(LINE / 2) {
                 prefetch_next($t, $tap + 2 * line);
-                for $kp in line..(line + LINE / 2).min($seg / 2) {
-                    $pair;
+                for kp in line..(line + LINE / 2).min($seg / 2) {
+                    $step!(kp, $pairs(kp));
                 }
             }
         }
         if $seg % 2 == 1 {
-            $odd;
+            $step!($seg / 2, $odd);
         }
     }};
 }
