@@ -272,9 +272,14 @@ impl<'a> Term<'a> {
     }
 
     /// The height and width the convolution reads.
+    /// Whether the input is read as it is: neither pooled nor stacked with another.
+    fn reads_as_is(&self) -> bool {
+        !self.pooled && self.appended.is_none()
+    }
+
     /// Whether the GEMM reads the input map itself as A, copying nothing.
     fn reads_in_place(&self) -> bool {
-        self.conv.reads_input_directly() && !self.pooled && self.appended.is_none()
+        self.conv.reads_input_directly() && self.reads_as_is()
     }
 
     fn grid(&self) -> (usize, usize) {
@@ -440,8 +445,14 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     // the feature maps this pass holds (see `crate::alloc`).
     uncounted(|| {
         let copies_input = terms.iter().any(|t| !t.reads_in_place());
-        let threads = threads::available();
-        let blocks = blocks(m, c_out, tile_rows, threads, align, copies_input);
+        let blocks = blocks(
+            m,
+            c_out,
+            tile_rows,
+            threads::available(),
+            align,
+            copies_input,
+        );
         threads::for_each_task(blocks, |block| {
             ADDENDS.with_borrow_mut(|addends| {
                 epilogue.locate_addends(block.rows.clone(), (ho, wo, c_out), addends);
@@ -497,7 +508,6 @@ fn gemm_block(
             })
         }
     };
-    let read_as_is = !term.pooled && term.appended.is_none();
     if term.reads_in_place() {
         let a = term.input.data[block.rows.start * depth..].as_ptr();
         return run(Lhs::Rows {
@@ -507,7 +517,7 @@ fn gemm_block(
         });
     }
     PATCHES.with_borrow_mut(|scratch| {
-        if conv.reads_taps() || !read_as_is {
+        if conv.reads_taps() || !term.reads_as_is() {
             return tap_block(term, block.rows.clone(), scratch, run);
         }
         let len = block.rows.len() * depth;

@@ -47,12 +47,12 @@ impl PackedB {
     /// The `gemm` crate packs for itself and takes one panel as wide as the matrix.
     pub fn new(weights: &[f32], k: usize, n: usize, kernel: Kernel, segment: usize) -> Self {
         assert_eq!(weights.len(), k * n);
-        let pairs = segment.is_multiple_of(2) || segment == k;
+        let pairs_fit = segment.is_multiple_of(2) || segment == k;
         let (width, pairs) = match kernel {
-            Kernel::Avx512 if n <= 8 && pairs => (8, true),
-            Kernel::Avx512 if n <= 16 => (16, pairs),
+            Kernel::Avx512 if n <= 8 && pairs_fit => (8, true),
+            Kernel::Avx512 if n <= 16 => (16, pairs_fit),
             Kernel::Avx512 => (32, false),
-            Kernel::Avx2 if n <= 8 && pairs => (8, true),
+            Kernel::Avx2 if n <= 8 && pairs_fit => (8, true),
             Kernel::Avx2 => (16, false),
             Kernel::Portable => (n, false),
         };
