@@ -241,6 +241,7 @@ fn an_image_gets_the_same_output_alone_and_in_a_batch_of_eight() {
 
 /// A batch at least as large as the thread pool runs one share of images per thread, shares of
 /// unequal size included (5 images on 3 threads); the logits come back in the batch's order.
+/// Shares of several images run their 28x28 layers one image at a time and the rest together.
 #[test]
 fn a_batch_split_over_threads_gives_every_image_its_own_logits() {
     let model = random_model("oct-resnet20", 0.5, 1);
@@ -260,6 +261,25 @@ fn a_batch_split_over_threads_gives_every_image_its_own_logits() {
             "{threads} threads: differs by {diff} (scale {scale})"
         );
     }
+}
+
+/// A pass that runs its early layers image by image reports each layer once, in the order of a
+/// single image's pass, with the time of all its images.
+#[test]
+fn a_batch_profile_names_each_layer_once_in_order() {
+    let model = random_model("oct-resnet20", 0.5, 1).folded().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let names = |batch: usize| {
+        let x = Tensor::randn(0f32, 1., (batch, 1, 28, 28), &Device::Cpu).unwrap();
+        let times = pool.install(|| model.profile(&x).unwrap().unwrap());
+        times.into_iter().map(|(name, _)| name).collect::<Vec<_>>()
+    };
+    let (alone, batch) = (names(1), names(4));
+    assert_eq!(alone, batch);
+    assert!(alone.iter().any(|n| n.starts_with("layer1")) && alone.last().unwrap() == "fc");
 }
 
 #[test]

@@ -22,6 +22,9 @@ use crate::model::layers::halved;
 /// the GEMM reads them.
 const TILE_FLOATS: usize = 1 << 17;
 
+/// The most output rows (pixels) of one tile.
+pub const MOST_TILE_ROWS: usize = 512;
+
 thread_local! {
     /// Each thread's patch-row buffer, reused across tiles and calls.
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -437,7 +440,7 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     let m = n * ho * wo;
     let mut data: Vec<f32> = Vec::with_capacity(m * c_out);
     let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
-    let tile_rows = (TILE_FLOATS / depth).clamp(32, 512);
+    let tile_rows = (TILE_FLOATS / depth).clamp(32, MOST_TILE_ROWS);
     let align = first.conv.weights.column_align();
     let dst = OutPtr(data.as_mut_ptr());
     // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile, whatever

@@ -14,6 +14,26 @@ pub struct OctMap {
     pub low: Option<Map>,
 }
 
+impl OctMap {
+    /// Room for `images` images in all.
+    pub fn reserve(&mut self, images: usize) {
+        for map in [Some(&mut self.high), self.low.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            map.data.reserve((images - map.n) * map.h * map.w * map.c);
+        }
+    }
+
+    /// `other`'s images after this map's.
+    pub fn append(&mut self, other: OctMap) {
+        self.high.append(other.high);
+        if let (Some(low), Some(other)) = (&mut self.low, other.low) {
+            low.append(other);
+        }
+    }
+}
+
 /// The convolutions of one unit, by the branch they connect.
 #[derive(Default)]
 pub struct Branches<'a> {

@@ -52,6 +52,13 @@ impl Map {
         }
     }
 
+    /// `other`'s images after this map's (same height, width and channels).
+    pub fn append(&mut self, other: Map) {
+        assert_eq!((self.h, self.w, self.c), (other.h, other.w, other.c));
+        self.data.extend_from_slice(&other.data);
+        self.n += other.n;
+    }
+
     /// From NCHW (candle's layout).
     pub fn from_nchw(data: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
         let mut map = Self::zeros(n, h, w, c);
