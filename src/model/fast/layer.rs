@@ -15,21 +15,20 @@ pub struct OctMap {
 }
 
 impl OctMap {
-    /// Room for `images` images in all.
-    pub fn reserve(&mut self, images: usize) {
-        for map in [Some(&mut self.high), self.low.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            map.data.reserve((images - map.n) * map.h * map.w * map.c);
+    /// Zeros shaped like this one-image map, for `images` images.
+    pub fn zeros_for(&self, images: usize) -> Self {
+        let zeros = |m: &Map| Map::zeros(images, m.h, m.w, m.c);
+        Self {
+            high: zeros(&self.high),
+            low: self.low.as_ref().map(zeros),
         }
     }
 
-    /// `other`'s images after this map's.
-    pub fn append(&mut self, other: OctMap) {
-        self.high.append(other.high);
-        if let (Some(low), Some(other)) = (&mut self.low, other.low) {
-            low.append(other);
+    /// Writes the one-image map `image` as image `at`.
+    pub fn put_image(&mut self, at: usize, image: &OctMap) {
+        self.high.put_image(at, &image.high);
+        if let (Some(low), Some(image)) = (&mut self.low, &image.low) {
+            low.put_image(at, image);
         }
     }
 }

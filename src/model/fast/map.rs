@@ -52,11 +52,21 @@ impl Map {
         }
     }
 
-    /// `other`'s images after this map's (same height, width and channels).
-    pub fn append(&mut self, other: Map) {
-        assert_eq!((self.h, self.w, self.c), (other.h, other.w, other.c));
-        self.data.extend_from_slice(&other.data);
-        self.n += other.n;
+    /// Keeps the first `images` images and frees the memory of the rest.
+    pub fn keep_images(&mut self, images: usize) {
+        self.data.truncate(images * self.h * self.w * self.c);
+        self.data.shrink_to_fit();
+        self.n = images;
+    }
+
+    /// Writes the one-image map `image` (same height, width and channels) as image `at`.
+    pub fn put_image(&mut self, at: usize, image: &Map) {
+        assert_eq!(
+            (image.n, image.h, image.w, image.c),
+            (1, self.h, self.w, self.c)
+        );
+        let len = image.data.len();
+        self.data[at * len..(at + 1) * len].copy_from_slice(&image.data);
     }
 
     /// From NCHW (candle's layout).
