@@ -274,7 +274,6 @@ impl<'a> Term<'a> {
         Self::of(conv, store.insert(avg_pool2x2(input)))
     }
 
-    /// The height and width the convolution reads.
     /// Whether the input is read as it is: neither pooled nor stacked with another.
     fn reads_as_is(&self) -> bool {
         !self.pooled && self.appended.is_none()
@@ -285,6 +284,7 @@ impl<'a> Term<'a> {
         self.conv.reads_input_directly() && self.reads_as_is()
     }
 
+    /// The height and width the convolution reads.
     fn grid(&self) -> (usize, usize) {
         let (h, w) = (self.input.h, self.input.w);
         if self.pooled {

@@ -121,16 +121,12 @@ impl FastNet {
     }
 
     fn run_layers(&self, x: Map, times: Option<&mut LayerTimes>) -> Vec<f32> {
-        let mut laps = Laps::new(times.is_some());
+        let mut laps = Laps::new(times);
         let (mut x, done) = self.leading_image_by_image(x, &mut laps);
         for block in &self.blocks[done..] {
             x = self.block(block, x, &mut laps);
         }
-        let logits = self.head(x, &mut laps);
-        if let Some(times) = times {
-            *times = laps.times;
-        }
-        logits
+        self.head(x, &mut laps)
     }
 
     /// Runs the stem and the leading blocks whose input has at least [`PER_IMAGE_FROM`] pixels
@@ -138,7 +134,7 @@ impl FastNet {
     /// blocks run. One image gives those layers' GEMMs whole tiles of rows, so more images at
     /// once only make maps that outgrow the caches: Oct-ResNet-50's share of a batch of 8 ran
     /// 5% faster this way, ResNet-50's as fast (BENCHMARKS.md).
-    fn leading_image_by_image(&self, mut x: Map, laps: &mut Laps) -> (OctMap, usize) {
+    fn leading_image_by_image(&self, mut x: Map, laps: &mut Laps<'_>) -> (OctMap, usize) {
         let large = |y: &Map| y.h * y.w >= PER_IMAGE_FROM;
         if x.n == 1 || !large(&x) {
             return (self.stem(x, laps), 0);
@@ -167,7 +163,7 @@ impl FastNet {
         (stacked.expect("a batch of several images"), done)
     }
 
-    fn stem(&self, x: Map, laps: &mut Laps) -> OctMap {
+    fn stem(&self, x: Map, laps: &mut Laps<'_>) -> OctMap {
         let input = OctMap { high: x, low: None };
         let mut x = self.stem.forward(&input, None);
         drop(input);
@@ -179,7 +175,7 @@ impl FastNet {
         x
     }
 
-    fn block(&self, block: &FastBlock, x: OctMap, laps: &mut Laps) -> OctMap {
+    fn block(&self, block: &FastBlock, x: OctMap, laps: &mut Laps<'_>) -> OctMap {
         let (last, chain) = block.convs.split_last().expect("a block has convs");
         let mut y = None;
         for conv in chain {
@@ -201,7 +197,7 @@ impl FastNet {
         out
     }
 
-    fn head(&self, x: OctMap, laps: &mut Laps) -> Vec<f32> {
+    fn head(&self, x: OctMap, laps: &mut Laps<'_>) -> Vec<f32> {
         let pooled = global_avg_pool(&x.high);
         let features = Map {
             n: x.high.n,
@@ -234,32 +230,31 @@ impl FastNet {
 const PER_IMAGE_FROM: usize = conv::MOST_TILE_ROWS;
 
 /// The wall time of each layer in execution order, summed over the image-by-image runs.
-struct Laps {
-    on: bool,
+struct Laps<'a> {
+    /// Where the times go; `None` when not profiling.
+    times: Option<&'a mut LayerTimes>,
     clock: Instant,
-    times: LayerTimes,
     /// The index of the next layer's time.
     next: usize,
 }
 
-impl Laps {
-    fn new(on: bool) -> Self {
+impl<'a> Laps<'a> {
+    fn new(times: Option<&'a mut LayerTimes>) -> Self {
         Self {
-            on,
+            times,
             clock: Instant::now(),
-            times: Vec::new(),
             next: 0,
         }
     }
 
     fn lap(&mut self, name: &str) {
-        if !self.on {
+        let Some(times) = self.times.as_deref_mut() else {
             return;
-        }
+        };
         let elapsed = self.clock.elapsed();
-        match self.times.get_mut(self.next) {
+        match times.get_mut(self.next) {
             Some((_, time)) => *time += elapsed,
-            None => self.times.push((name.to_string(), elapsed)),
+            None => times.push((name.to_string(), elapsed)),
         }
         self.next += 1;
         self.clock = Instant::now();
@@ -272,7 +267,7 @@ impl Laps {
 
     /// The next laps are new layers'.
     fn resume(&mut self) {
-        self.next = self.times.len();
+        self.next = self.times.as_ref().map_or(0, |times| times.len());
     }
 }
 
