@@ -300,10 +300,10 @@ impl SavingsObserver {
         let per_image = report.peak_bytes as f64 / report.size as f64;
         self.stats[self.index].record_batch(report.size, seconds, report.peak_bytes);
         self.labels[self.index].batch(report.size, seconds, per_image);
-        let (base_bytes, base_seconds) = self.stats[self.baseline].per_image();
+        let base_costs = self.stats[self.baseline].costs();
         for (stats, labels) in self.stats.iter().zip(&self.labels) {
-            let (bytes, seconds) = stats.per_image();
-            labels.savings(savings(bytes, base_bytes), savings(seconds, base_seconds));
+            let (memory, latency) = stats.costs().savings_against(&base_costs);
+            labels.savings(memory, latency);
         }
     }
 }

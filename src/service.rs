@@ -370,13 +370,14 @@ impl pb::classifier_server::Classifier for ClassifierService {
 
 fn model_info(model: &ServedModel) -> pb::ModelInfo {
     let baseline = model.baseline();
-    let base_stats = baseline.stats.snapshot();
+    let base_costs = baseline.stats.costs();
     let routing = model.routing();
     let variants = model
         .variants
         .iter()
         .map(|v| {
             let s = v.stats.snapshot();
+            let (memory_savings, latency_savings) = v.stats.costs().savings_against(&base_costs);
             pb::VariantInfo {
                 name: v.name.clone(),
                 arch: v.arch.clone(),
@@ -391,12 +392,9 @@ fn model_info(model: &ServedModel) -> pb::ModelInfo {
                     requests: s.requests,
                     p50_ms: s.p50_ms,
                     p99_ms: s.p99_ms,
-                    memory_savings_ratio: savings(s.bytes_per_image, base_stats.bytes_per_image),
+                    memory_savings_ratio: memory_savings,
                     compute_savings_ratio: savings(v.cost.macs as f64, baseline.cost.macs as f64),
-                    latency_savings_ratio: savings(
-                        s.seconds_per_image,
-                        base_stats.seconds_per_image,
-                    ),
+                    latency_savings_ratio: latency_savings,
                     shadow_comparisons: s.shadow_comparisons,
                     shadow_agreements: s.shadow_agreements,
                     shadow_latency_delta_ms: s.shadow_latency_delta_ms,

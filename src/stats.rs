@@ -1,6 +1,6 @@
 //! Live per-variant statistics behind `ListModels`, `octserve ab` and the savings gauges.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 /// Recent request latencies kept for percentiles.
@@ -17,8 +17,7 @@ pub struct LiveStats {
 struct Inner {
     requests: u64,
     latencies_ms: VecDeque<f64>,
-    bytes_per_image: f64,
-    seconds_per_image: f64,
+    costs: CostsBySize,
     shadow_comparisons: u64,
     shadow_agreements: u64,
     shadow_delta_seconds_sum: f64,
@@ -30,6 +29,7 @@ pub struct StatsSnapshot {
     pub requests: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Of the latest batch size (see [`CostsBySize::latest`]).
     pub bytes_per_image: f64,
     pub seconds_per_image: f64,
     /// Requests this variant computed as a shadow, and how many agreed on the top-1 class.
@@ -50,14 +50,11 @@ impl LiveStats {
     }
 
     pub fn record_batch(&self, size: usize, seconds: f64, peak_bytes: usize) {
-        let mut s = self.inner.lock().unwrap();
-        let per_image = seconds / size as f64;
-        s.seconds_per_image = if s.seconds_per_image == 0. {
-            per_image
-        } else {
-            (1. - EWMA_WEIGHT) * s.seconds_per_image + EWMA_WEIGHT * per_image
-        };
-        s.bytes_per_image = peak_bytes as f64 / size as f64;
+        self.inner
+            .lock()
+            .unwrap()
+            .costs
+            .record(size, seconds, peak_bytes);
     }
 
     /// One shadow comparison made with this variant as the shadow.
@@ -68,15 +65,15 @@ impl LiveStats {
         s.shadow_delta_seconds_sum += latency_delta_seconds;
     }
 
-    /// `(bytes, seconds)` per image of the recent batches: what the savings ratios need, without
-    /// copying and sorting the latency window as [`Self::snapshot`] does.
-    pub fn per_image(&self) -> (f64, f64) {
-        let s = self.inner.lock().unwrap();
-        (s.bytes_per_image, s.seconds_per_image)
+    /// The per-image costs by batch size: what the savings ratios need, without copying and
+    /// sorting the latency window as [`Self::snapshot`] does.
+    pub fn costs(&self) -> CostsBySize {
+        self.inner.lock().unwrap().costs.clone()
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = self.inner.lock().unwrap().clone();
+        let latest = s.costs.latest();
         let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
         sorted.sort_by(f64::total_cmp);
         let pct = |q: f64| {
@@ -90,13 +87,78 @@ impl LiveStats {
             requests: s.requests,
             p50_ms: pct(0.5),
             p99_ms: pct(0.99),
-            bytes_per_image: s.bytes_per_image,
-            seconds_per_image: s.seconds_per_image,
+            bytes_per_image: latest.bytes,
+            seconds_per_image: latest.seconds,
             shadow_comparisons: s.shadow_comparisons,
             shadow_agreements: s.shadow_agreements,
             shadow_latency_delta_ms: 1e3 * s.shadow_delta_seconds_sum
                 / s.shadow_comparisons.max(1) as f64,
         }
+    }
+}
+
+/// What one image cost in the recent batches of one size.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct PerImage {
+    /// The latest batch's peak bytes over its size.
+    pub bytes: f64,
+    /// Compute seconds over the batch size, exponentially weighted over batches.
+    pub seconds: f64,
+}
+
+/// A variant's per-image costs by batch size.
+///
+/// Per image, a batch's peak memory and time fall as the batch grows (the fast path runs the
+/// early layers image by image and packs the weights once per batch), so a variant is compared
+/// with its baseline at the same batch size: else one that last ran a lone request would look
+/// heavier than one that last ran eight.
+#[derive(Debug, Default, Clone)]
+pub struct CostsBySize {
+    latest_size: usize,
+    by_size: BTreeMap<usize, PerImage>,
+}
+
+impl CostsBySize {
+    fn record(&mut self, size: usize, seconds: f64, peak_bytes: usize) {
+        let per_image = seconds / size as f64;
+        let cost = self.by_size.entry(size).or_default();
+        cost.seconds = if cost.seconds == 0. {
+            per_image
+        } else {
+            (1. - EWMA_WEIGHT) * cost.seconds + EWMA_WEIGHT * per_image
+        };
+        cost.bytes = peak_bytes as f64 / size as f64;
+        self.latest_size = size;
+    }
+
+    /// The cost at the latest batch's size; zeros before the first batch.
+    pub fn latest(&self) -> PerImage {
+        self.by_size
+            .get(&self.latest_size)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// `(memory, latency)` savings against the baseline at one batch size: this variant's latest
+    /// if the baseline has run it, else the largest both have run; zeros while they share none.
+    pub fn savings_against(&self, baseline: &Self) -> (f64, f64) {
+        let size = if baseline.by_size.contains_key(&self.latest_size) {
+            Some(self.latest_size)
+        } else {
+            self.by_size
+                .keys()
+                .rev()
+                .find(|size| baseline.by_size.contains_key(size))
+                .copied()
+        };
+        let Some(size) = size else {
+            return (0., 0.);
+        };
+        let (ours, theirs) = (self.by_size[&size], baseline.by_size[&size]);
+        (
+            savings(ours.bytes, theirs.bytes),
+            savings(ours.seconds, theirs.seconds),
+        )
     }
 }
 
@@ -106,5 +168,58 @@ pub fn savings(value: f64, baseline: f64) -> f64 {
         1. - value / baseline
     } else {
         0.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs(batches: &[(usize, f64, usize)]) -> CostsBySize {
+        let mut c = CostsBySize::default();
+        for &(size, seconds, bytes) in batches {
+            c.record(size, seconds, bytes);
+        }
+        c
+    }
+
+    #[test]
+    fn savings_compare_the_same_batch_size() {
+        // Per image, batches of 8 cost half what lone requests do, in both variants.
+        let baseline = costs(&[(1, 0.010, 1000), (8, 0.040, 4000)]);
+        let variant = costs(&[(8, 0.024, 3200), (1, 0.006, 800)]);
+        // The variant's latest size is 1, which the baseline has run.
+        let (memory, latency) = variant.savings_against(&baseline);
+        assert!((memory - 0.2).abs() < 1e-12, "{memory}");
+        assert!((latency - 0.4).abs() < 1e-12, "{latency}");
+        assert_eq!(
+            variant.latest(),
+            PerImage {
+                bytes: 800.,
+                seconds: 0.006
+            }
+        );
+    }
+
+    #[test]
+    fn without_the_latest_size_the_largest_shared_one_is_used() {
+        let baseline = costs(&[(2, 0.010, 1000), (4, 0.016, 2000)]);
+        let variant = costs(&[(2, 0.008, 900), (4, 0.008, 1000), (3, 0.010, 900)]);
+        let (memory, latency) = variant.savings_against(&baseline);
+        assert!((memory - 0.5).abs() < 1e-12, "{memory}");
+        assert!((latency - 0.5).abs() < 1e-12, "{latency}");
+        // Nothing shared yet: no savings claimed.
+        assert_eq!(
+            costs(&[(5, 0.01, 100)]).savings_against(&baseline),
+            (0., 0.)
+        );
+    }
+
+    #[test]
+    fn time_is_weighted_over_batches_of_a_size_and_memory_is_the_latest() {
+        let c = costs(&[(2, 0.020, 2000), (2, 0.040, 1000)]);
+        let expected = (1. - EWMA_WEIGHT) * 0.010 + EWMA_WEIGHT * 0.020;
+        assert!((c.latest().seconds - expected).abs() < 1e-15);
+        assert_eq!(c.latest().bytes, 500.);
     }
 }
