@@ -719,11 +719,15 @@ mod tests {
     /// odd channels on unpaired panels), on plain and paired panels.
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
-        let shapes = [(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (5, 1)];
-        for (&(c_out, stride), c_a) in shapes.iter().flat_map(|s| [(s, 5), (s, 6)]) {
+        let shapes = [(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (8, 1), (5, 1)];
+        let channels = [(5, 3), (6, 3), (8, 4)];
+        for (&(c_out, stride), (c_a, c_b)) in shapes
+            .iter()
+            .flat_map(|s| channels.iter().map(move |&c| (s, c)))
+        {
             let (n, h, w) = (2, 9, 7);
-            let (a, b) = (map(n, h, w, c_a, 1), map(n, h, w, 3, 2));
-            let (wa, wb) = (values(c_out * c_a * 9, 3), values(c_out * 3, 4));
+            let (a, b) = (map(n, h, w, c_a, 1), map(n, h, w, c_b, 2));
+            let (wa, wb) = (values(c_out * c_a * 9, 3), values(c_out * c_b, 4));
             let (ya, yb) = (
                 naive(&a, &wa, c_out, 3, stride, 1),
                 naive(&b, &wb, c_out, 1, stride, 0),
@@ -740,7 +744,7 @@ mod tests {
             };
             for &kernel in kernels() {
                 let pa = packed(&wa, c_out, c_a, 3, stride, 1, kernel);
-                let pb = packed(&wb, c_out, 3, 1, stride, 0, kernel);
+                let pb = packed(&wb, c_out, c_b, 1, stride, 0, kernel);
                 let terms = [Term::of(&pa, &a), Term::of(&pb, &b)];
                 let out = conv_sum(&terms, &epilogue);
                 assert_eq!((out.n, out.h, out.w, out.c), (n, ho, wo, c_out));
