@@ -109,9 +109,9 @@ pub struct PerImage {
 /// A variant's per-image costs by batch size.
 ///
 /// Per image, a batch's peak memory and time fall as the batch grows (the fast path runs the
-/// early layers image by image and packs the weights once per batch), so a variant is compared
-/// with its baseline at the same batch size: else one that last ran a lone request would look
-/// heavier than one that last ran eight.
+/// early layers image by image, and one pass's buffers serve the whole batch), so a variant is
+/// compared with its baseline at the same batch size: else one that last ran a lone request
+/// would look heavier than one that last ran eight.
 #[derive(Debug, Default, Clone)]
 pub struct CostsBySize {
     latest_size: usize,
@@ -142,19 +142,11 @@ impl CostsBySize {
     /// `(memory, latency)` savings against the baseline at one batch size: this variant's latest
     /// if the baseline has run it, else the largest both have run; zeros while they share none.
     pub fn savings_against(&self, baseline: &Self) -> (f64, f64) {
-        let size = if baseline.by_size.contains_key(&self.latest_size) {
-            Some(self.latest_size)
-        } else {
-            self.by_size
-                .keys()
-                .rev()
-                .find(|size| baseline.by_size.contains_key(size))
-                .copied()
-        };
-        let Some(size) = size else {
+        let mut sizes = std::iter::once(&self.latest_size).chain(self.by_size.keys().rev());
+        let Some(size) = sizes.find(|size| baseline.by_size.contains_key(size)) else {
             return (0., 0.);
         };
-        let (ours, theirs) = (self.by_size[&size], baseline.by_size[&size]);
+        let (ours, theirs) = (self.by_size[size], baseline.by_size[size]);
         (
             savings(ours.bytes, theirs.bytes),
             savings(ours.seconds, theirs.seconds),
