@@ -29,9 +29,8 @@ pub struct StatsSnapshot {
     pub requests: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// Of the latest batch size (see [`CostsBySize::latest`]).
+    /// Peak bytes per image at the latest batch size (see [`CostsBySize::latest`]).
     pub bytes_per_image: f64,
-    pub seconds_per_image: f64,
     /// Requests this variant computed as a shadow, and how many agreed on the top-1 class.
     pub shadow_comparisons: u64,
     pub shadow_agreements: u64,
@@ -73,7 +72,6 @@ impl LiveStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = self.inner.lock().unwrap().clone();
-        let latest = s.costs.latest();
         let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
         sorted.sort_by(f64::total_cmp);
         let pct = |q: f64| {
@@ -87,8 +85,7 @@ impl LiveStats {
             requests: s.requests,
             p50_ms: pct(0.5),
             p99_ms: pct(0.99),
-            bytes_per_image: latest.bytes,
-            seconds_per_image: latest.seconds,
+            bytes_per_image: s.costs.latest().bytes,
             shadow_comparisons: s.shadow_comparisons,
             shadow_agreements: s.shadow_agreements,
             shadow_latency_delta_ms: 1e3 * s.shadow_delta_seconds_sum
