@@ -88,6 +88,17 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Hands the allocator's free memory back to the kernel now (glibc's `malloc_trim`), in every
+/// arena. [`keep_freed_memory`] keeps freed blocks for the model's next pass; after a large
+/// image decode that would leave the process at its peak footprint for nothing.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs `f` and returns its result with the peak bytes it held on this thread above what was
 /// live when it started.
 ///

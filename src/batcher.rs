@@ -1,22 +1,26 @@
 //! Triton-style dynamic batching for one model variant.
 //!
 //! Handlers submit [`Job`]s into a bounded queue (full: refused at once). A batching task takes
-//! the oldest job, waits at most `max_queue_delay` from when that job arrived for more (a full
-//! batch goes at once), drops jobs whose caller gave up or whose deadline or queue timeout passed
-//! (answering DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED without computing them), and hands the
-//! batch to the model worker through a one-slot channel, so the next batch forms while the
-//! current one computes. The queue timeout is Triton's `default_timeout_microseconds`: under
-//! overload it bounds how long an accepted request can wait, where the queue size alone bounds
-//! it only at the capacity the server has when it is not also busy refusing requests.
+//! the oldest job and hands a batch to the model worker as soon as the worker is idle, with
+//! whatever else is queued by then: a lone request on an idle server never waits for company.
+//! While the worker computes, arriving jobs gather into the next batch (up to
+//! `max_batch_size`), which goes the moment the worker is free. [`Dispatch::AfterDelay`] keeps
+//! the older rule instead: a batch also waits for company up to `max_queue_delay` from when its
+//! oldest job arrived, even with the worker idle. Jobs whose caller gave up or whose deadline
+//! or queue timeout passed are dropped when the batch leaves (answered DEADLINE_EXCEEDED or
+//! RESOURCE_EXHAUSTED, never computed). The queue timeout is Triton's
+//! `default_timeout_microseconds`: under overload it bounds how long an accepted request can
+//! wait, where the queue size alone bounds it only at the capacity the server has when it is
+//! not also busy refusing requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::BatchingConfig;
+use crate::config::{BatchingConfig, Dispatch};
 
 /// Class probabilities of one image and how it was served.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +93,7 @@ impl Job {
 pub struct BatchQueue {
     variant: String,
     tx: mpsc::Sender<Job>,
+    /// Jobs submitted and not yet handed to the worker.
     depth: Arc<AtomicUsize>,
     capacity: usize,
     timeout: Option<Duration>,
@@ -104,15 +109,19 @@ impl BatchQueue {
             };
             job.queue_timeout = Some((job.enqueued + timeout, error));
         }
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => InferError::QueueFull {
-                variant: self.variant.clone(),
-                capacity: self.capacity,
-            },
-            mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
-        })?;
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        // Counted before the send, so that the batcher, which may take the job at once on
+        // another thread, never lowers the count below zero.
+        self.depth.fetch_add(1, Ordering::AcqRel);
+        self.tx.try_send(job).map_err(|e| {
+            self.depth.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(_) => InferError::QueueFull {
+                    variant: self.variant.clone(),
+                    capacity: self.capacity,
+                },
+                mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
+            }
+        })
     }
 
     /// Refuses at once when `n` more jobs would not fit, so that a server under overload does
@@ -131,9 +140,51 @@ impl BatchQueue {
         self.capacity
     }
 
-    /// Jobs waiting for a batch.
+    /// Jobs submitted and not yet handed to the model worker (the `octserve_queue_depth` gauge,
+    /// read when metrics are scraped).
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.depth.load(Ordering::Acquire)
+    }
+}
+
+/// Creates the hand-off from a variant's batcher to its model worker: one batch at a time,
+/// sent only while the worker is idle.
+pub fn dispatch_channel() -> (BatchSender, BatchReceiver) {
+    let (tx, rx) = mpsc::channel(1);
+    let idle = Arc::new(Semaphore::new(0));
+    (
+        BatchSender {
+            tx,
+            idle: idle.clone(),
+        },
+        BatchReceiver { rx, idle },
+    )
+}
+
+/// The batcher's end of [`dispatch_channel`].
+pub struct BatchSender {
+    tx: mpsc::Sender<Vec<Job>>,
+    /// One permit while the worker waits for a batch.
+    idle: Arc<Semaphore>,
+}
+
+/// The worker's end of [`dispatch_channel`].
+pub struct BatchReceiver {
+    rx: mpsc::Receiver<Vec<Job>>,
+    idle: Arc<Semaphore>,
+}
+
+impl BatchReceiver {
+    /// Says the worker is idle and waits for its next batch; `None` once the batcher is gone.
+    pub fn next_batch(&mut self) -> Option<Vec<Job>> {
+        self.idle.add_permits(1);
+        self.rx.blocking_recv()
+    }
+
+    /// [`Self::next_batch`] for async callers (tests that stand in for a worker).
+    pub async fn next_batch_async(&mut self) -> Option<Vec<Job>> {
+        self.idle.add_permits(1);
+        self.rx.recv().await
     }
 }
 
@@ -142,7 +193,7 @@ impl BatchQueue {
 pub fn spawn_batcher(
     variant: &str,
     config: BatchingConfig,
-    batches: mpsc::Sender<Vec<Job>>,
+    batches: BatchSender,
 ) -> (BatchQueue, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
     let depth = Arc::new(AtomicUsize::new(0));
@@ -161,32 +212,69 @@ async fn form_batches(
     mut rx: mpsc::Receiver<Job>,
     depth: Arc<AtomicUsize>,
     config: BatchingConfig,
-    batches: mpsc::Sender<Vec<Job>>,
+    batches: BatchSender,
 ) {
     let max = config.max_batch_size.max(1);
     while let Some(first) = rx.recv().await {
-        let flush_at = first.enqueued + config.max_queue_delay();
+        let company_until = match config.dispatch {
+            Dispatch::WhenIdle => None,
+            Dispatch::AfterDelay => Some(first.enqueued + config.max_queue_delay()),
+        };
         let mut batch = vec![first];
-        while batch.len() < max {
-            tokio::select! {
-                biased;
-                job = rx.recv() => match job {
-                    Some(job) => batch.push(job),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(flush_at) => break,
-            }
-        }
-        depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        let open = gather(&mut rx, &mut batch, max, company_until, &batches.idle).await;
+        // The worker is idle now and its permit taken: this batch is its next.
+        depth.fetch_sub(batch.len(), Ordering::AcqRel);
         let batch = drop_expired(batch);
-        if !batch.is_empty() && batches.send(batch).await.is_err() {
+        if batch.is_empty() {
+            batches.idle.add_permits(1);
+        } else if batches.tx.send(batch).await.is_err() {
+            return;
+        }
+        if !open {
             return;
         }
     }
 }
 
+/// Adds queued jobs to `batch` until it is full or the worker is idle (and, before
+/// `company_until`, until then as well), then takes the worker's idle permit. Returns whether
+/// the queue is still open.
+async fn gather(
+    rx: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    max: usize,
+    company_until: Option<Instant>,
+    idle: &Semaphore,
+) -> bool {
+    let mut waiting_for_company = company_until.is_some();
+    let company_until = company_until.unwrap_or_else(Instant::now);
+    let mut open = true;
+    while open && batch.len() < max {
+        tokio::select! {
+            // Jobs already queued join first, so an idle worker gets them all at once.
+            biased;
+            job = rx.recv() => match job {
+                Some(job) => batch.push(job),
+                None => open = false,
+            },
+            permit = idle.acquire(), if !waiting_for_company => {
+                permit.expect("the semaphore is never closed").forget();
+                return true;
+            }
+            _ = tokio::time::sleep_until(company_until), if waiting_for_company => {
+                waiting_for_company = false;
+            }
+        }
+    }
+    idle.acquire()
+        .await
+        .expect("the semaphore is never closed")
+        .forget();
+    open
+}
+
 /// Keeps the jobs still worth computing: answers expired ones, forgets abandoned ones.
-/// Checked when a batch forms and again when the worker takes it.
+/// Checked when a batch leaves the queue and again when the worker takes it.
 pub fn drop_expired(batch: Vec<Job>) -> Vec<Job> {
     let now = Instant::now();
     batch

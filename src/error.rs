@@ -7,24 +7,29 @@ use crate::preprocess::PreprocessError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("unknown model '{name}'; this server serves: {known}")]
-    UnknownModel { name: String, known: String },
-    #[error("model '{model}' has no variant '{variant}'; its variants are: {known}")]
-    UnknownVariant {
-        model: String,
-        variant: String,
-        known: String,
-    },
+    /// The served models are not listed: callers find them with ListModels or the KServe
+    /// repository index, which an operator can put behind the API key like every RPC.
+    #[error(
+        "unknown model '{}'; ListModels or the repository index lists the served models",
+        clip(name)
+    )]
+    UnknownModel { name: String },
+    #[error("model '{}' has no variant '{}'", clip(model), clip(variant))]
+    UnknownVariant { model: String, variant: String },
     #[error("model '{0}' has no variant with a routing weight; name a variant")]
     NoRoutableVariant(String),
     #[error("bad image: {0}")]
     BadImage(#[from] PreprocessError),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{0}")]
+    #[error("{}", infer_message(.0))]
     Infer(#[from] InferError),
     #[error("the models are still loading; retry shortly")]
     Loading,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Budget(#[from] crate::budget::BudgetError),
     #[error("the deadline passed before the request was computed")]
     DeadlineExceeded,
 }
@@ -36,7 +41,11 @@ impl ServeError {
             Self::NoRoutableVariant(_) | Self::BadImage(_) | Self::InvalidArgument(_) => {
                 Code::InvalidArgument
             }
-            Self::Loading => Code::Unavailable,
+            Self::Loading | Self::ShuttingDown => Code::Unavailable,
+            Self::Budget(e) => match e {
+                crate::budget::BudgetError::Busy { .. } => Code::ResourceExhausted,
+                crate::budget::BudgetError::DeadlineExceeded => Code::DeadlineExceeded,
+            },
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Infer(e) => match e {
                 InferError::QueueFull { .. } | InferError::QueueTimeout { .. } => {
@@ -53,5 +62,91 @@ impl ServeError {
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
         Status::new(e.code(), e.to_string())
+    }
+}
+
+/// What a client is told of a failed job. A model's failure carries the server's internal error
+/// chain, which stays in the server log (the worker logs it where the batch fails).
+fn infer_message(e: &InferError) -> String {
+    match e {
+        InferError::Model(_) => "the model failed on this batch; see the server log".into(),
+        e => e.to_string(),
+    }
+}
+
+/// Longest a client-provided string is echoed in a message, in characters.
+const CLIP_CHARS: usize = 64;
+
+/// `s` for an error message: at most [`CLIP_CHARS`] characters, then an ellipsis if it was
+/// longer, so that a huge name sent by a client does not come back as a huge message.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(CLIP_CHARS) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_keeps_short_strings_and_cuts_long_ones_on_a_char_boundary() {
+        assert_eq!(clip("fashion-mnist"), "fashion-mnist");
+        let exact = "a".repeat(CLIP_CHARS);
+        assert_eq!(clip(&exact), exact);
+        let long = "é".repeat(1 << 20);
+        let clipped = clip(&long);
+        assert_eq!(clipped.chars().count(), CLIP_CHARS + 1);
+        assert!(clipped.ends_with("é…"), "{clipped}");
+    }
+
+    #[test]
+    fn not_found_messages_echo_little_and_list_nothing() {
+        let name = "m".repeat(1 << 20);
+        let status = Status::from(ServeError::UnknownModel { name: name.clone() });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().len() < 200,
+            "{} bytes",
+            status.message().len()
+        );
+        assert!(
+            status
+                .message()
+                .contains("ListModels or the repository index"),
+            "{}",
+            status.message()
+        );
+        let status = Status::from(ServeError::UnknownVariant {
+            model: "toy".into(),
+            variant: name,
+        });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().len() < 200,
+            "{} bytes",
+            status.message().len()
+        );
+        assert!(status
+            .message()
+            .starts_with("model 'toy' has no variant 'mmm"));
+    }
+
+    #[test]
+    fn a_model_failure_reaches_the_client_without_its_internal_chain() {
+        let chain = "conv2 forward: shape mismatch in /build/src/model/octave.rs:120".to_string();
+        let status = Status::from(ServeError::Infer(InferError::Model(chain)));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(
+            status.message(),
+            "the model failed on this batch; see the server log"
+        );
+        let status = Status::from(ServeError::Infer(InferError::WorkerDied));
+        assert!(
+            status.message().contains("restarted"),
+            "{}",
+            status.message()
+        );
     }
 }

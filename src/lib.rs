@@ -3,8 +3,11 @@
 
 pub mod alloc;
 pub mod batcher;
+pub mod budget;
 pub mod config;
+pub mod connections;
 pub mod dataset;
+pub mod deadline;
 pub mod device;
 pub mod error;
 pub mod evaluate;

@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    ignore_hangups_until_handled();
     octserve::alloc::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
@@ -55,6 +56,17 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => commands::eval::run(args),
         Command::Loadgen(args) => commands::loadgen::run(args),
         Command::Ab(args) => commands::ab::run(args),
+    }
+}
+
+/// SIGHUP's default action ends the process. `serve` reloads on it once its models are loaded,
+/// and a hangup sent before then (or to another command) must not kill it: ignored from the
+/// first instruction, until the server installs its own handler.
+fn ignore_hangups_until_handled() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: sets the disposition of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
 }
 

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS: &str = "octserve_requests_total";
 pub const REQUEST_DURATION: &str = "octserve_request_duration_seconds";
 pub const QUEUE_DURATION: &str = "octserve_queue_duration_seconds";
+pub const DECODE_DURATION: &str = "octserve_decode_duration_seconds";
 pub const INFERENCE_DURATION: &str = "octserve_inference_duration_seconds";
 pub const BATCH_SIZE: &str = "octserve_batch_size";
 pub const QUEUE_DEPTH: &str = "octserve_queue_depth";
@@ -72,6 +73,11 @@ fn describe() {
         QUEUE_DURATION,
         Unit::Seconds,
         "Time a request waited for its batch."
+    );
+    describe_histogram!(
+        DECODE_DURATION,
+        Unit::Seconds,
+        "Time a request's image took to decode and preprocess, budget wait included."
     );
     describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Model time per batch.");
     describe_histogram!(BATCH_SIZE, "Images per computed batch.");
@@ -150,6 +156,7 @@ impl VariantLabels {
         for name in [
             REQUEST_DURATION,
             QUEUE_DURATION,
+            DECODE_DURATION,
             INFERENCE_DURATION,
             BATCH_SIZE,
         ] {
@@ -173,6 +180,10 @@ impl VariantLabels {
         let agree = if agree { "true" } else { "false" };
         counter!(SHADOW_AGREEMENT, &self.with("agree", agree)).increment(1);
         gauge!(SHADOW_LATENCY_DELTA, &self.pairs()).set(latency_delta_seconds);
+    }
+
+    pub fn decoded(&self, seconds: f64) {
+        histogram!(DECODE_DURATION, &self.pairs()).record(seconds);
     }
 
     pub fn queued(&self, seconds: f64) {

@@ -2,13 +2,15 @@
 //!
 //! Decoding uses the `image` crate; resizing uses `fast_image_resize` (SIMD, antialiased).
 //! Limits are checked from the header before any pixel is decoded, so a small file that claims
-//! a huge size (a decompression bomb) is refused without allocating for it.
+//! a huge size (a decompression bomb) is refused without allocating for it. [`read_header`] also
+//! says how many bytes decoding will hold, which the server reserves from its decode budget
+//! before [`decode_header`] runs.
 
 use std::io::Cursor;
 
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 
 /// What a model expects: channels, size and per-channel normalisation.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -24,13 +26,21 @@ pub struct InputSpec {
 
 /// Size limits for untrusted input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ImageLimits {
     /// One encoded image (and so one `Classify` message).
     pub max_encoded_bytes: usize,
     pub max_pixels: u64,
     /// One KServe `ModelInfer` message, which carries a whole batch of images or tensors.
     pub max_request_bytes: usize,
+    /// Bytes of decoded pixels held at once by all requests' decodes together. An image whose
+    /// decode alone needs more is refused (INVALID_ARGUMENT).
+    pub decode_budget_bytes: u64,
+    /// Longest wait for decode budget, in milliseconds (capped by the request's deadline);
+    /// past it the request is refused (RESOURCE_EXHAUSTED) without being decoded.
+    pub decode_wait_ms: u64,
+    /// One KServe `ModelInfer` response; a request whose outputs would be larger is refused.
+    pub max_response_bytes: usize,
 }
 
 impl Default for ImageLimits {
@@ -39,7 +49,16 @@ impl Default for ImageLimits {
             max_encoded_bytes: 8 << 20,
             max_pixels: 40_000_000,
             max_request_bytes: 32 << 20,
+            decode_budget_bytes: 256 << 20,
+            decode_wait_ms: 1000,
+            max_response_bytes: 16 << 20,
         }
+    }
+}
+
+impl ImageLimits {
+    pub fn decode_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.decode_wait_ms)
     }
 }
 
@@ -55,6 +74,28 @@ pub enum PreprocessError {
     TooManyPixels { width: u32, height: u32, limit: u64 },
     #[error("the image could not be decoded: {0}")]
     Decode(String),
+    #[error("decoding the image needs {need} bytes, over the decode budget of {budget} bytes")]
+    OverBudget { need: u64, budget: u64 },
+}
+
+/// Allocation a decoder may always make, whatever the image's size: small images still need
+/// their decoder's tables and strip buffers (TIFF's are larger than a small image's pixels).
+const DECODER_SCRATCH: u64 = 16 << 20;
+
+/// An encoded image checked against the limits, and what decoding it will hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// Bytes held at once while decoding and converting: the decoded pixels in the image's own
+    /// colour type, plus the converted copy and the resized result.
+    pub decode_bytes: u64,
+}
+
+impl Header {
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
 }
 
 /// Decodes, converts, resizes and normalises `bytes` into `channels * height * width` floats
@@ -64,16 +105,17 @@ pub fn preprocess(
     spec: &InputSpec,
     limits: &ImageLimits,
 ) -> Result<Vec<f32>, PreprocessError> {
-    let image = decode(bytes, limits)?;
-    let (pixels, pixel_type) = match spec.channels {
-        1 => (DynamicImage::ImageLuma8(image.to_luma8()), PixelType::U8),
-        _ => (DynamicImage::ImageRgb8(image.to_rgb8()), PixelType::U8x3),
-    };
-    let resized = resize(&pixels, pixel_type, spec)?;
-    Ok(normalise(&resized, spec))
+    let header = read_header(bytes, spec, limits)?;
+    decode_header(bytes, &header, spec)
 }
 
-fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+/// Checks `bytes` against the limits from the image's header alone (no pixel is decoded) and
+/// says what decoding it will cost.
+pub fn read_header(
+    bytes: &[u8],
+    spec: &InputSpec,
+    limits: &ImageLimits,
+) -> Result<Header, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -83,32 +125,73 @@ fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Preprocess
             limit: limits.max_encoded_bytes,
         });
     }
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| PreprocessError::Decode(e.to_string()))
-    };
-    let header = reader()?;
-    if header.format().is_none() {
+    let reader = reader(bytes)?;
+    if reader.format().is_none() {
         return Err(PreprocessError::UnknownFormat);
     }
-    let (width, height) = header
-        .into_dimensions()
+    let decoder = reader
+        .into_decoder()
         .map_err(|e| PreprocessError::Decode(e.to_string()))?;
-    if u64::from(width) * u64::from(height) > limits.max_pixels {
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
         return Err(PreprocessError::TooManyPixels {
             width,
             height,
             limit: limits.max_pixels,
         });
     }
-    if width == 0 || height == 0 {
+    if pixels == 0 {
         return Err(PreprocessError::Decode("the image has no pixels".into()));
     }
-    let mut decoder = reader()?;
-    // Defence in depth: the decoder also refuses to allocate past the pixel budget (RGBA f32).
+    let channels = spec.channels as u64;
+    let resized = (spec.height * spec.width) as u64 * channels;
+    let decode_bytes = decoder
+        .total_bytes()
+        .saturating_add(pixels * channels)
+        .saturating_add(resized);
+    if decode_bytes > limits.decode_budget_bytes {
+        return Err(PreprocessError::OverBudget {
+            need: decode_bytes,
+            budget: limits.decode_budget_bytes,
+        });
+    }
+    Ok(Header {
+        width,
+        height,
+        decode_bytes,
+    })
+}
+
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, PreprocessError> {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))
+}
+
+/// Decodes, converts, resizes and normalises an image [`read_header`] accepted.
+pub fn decode_header(
+    bytes: &[u8],
+    header: &Header,
+    spec: &InputSpec,
+) -> Result<Vec<f32>, PreprocessError> {
+    let image = decode(bytes, header)?;
+    let (pixels, pixel_type) = match spec.channels {
+        1 => (DynamicImage::ImageLuma8(image.to_luma8()), PixelType::U8),
+        _ => (DynamicImage::ImageRgb8(image.to_rgb8()), PixelType::U8x3),
+    };
+    let resized = resize(&pixels, pixel_type, spec)?;
+    Ok(normalise(&resized, spec))
+}
+
+fn decode(bytes: &[u8], header: &Header) -> Result<DynamicImage, PreprocessError> {
+    let mut decoder = reader(bytes)?;
+    // Defence in depth: the decoder refuses to allocate far past what the header promised
+    // (its own scratch comes on top of the pixels the budget counts).
     let mut decoder_limits = Limits::default();
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16));
+    decoder_limits.max_alloc = Some(header.decode_bytes.saturating_mul(2).max(DECODER_SCRATCH));
+    decoder_limits.max_image_width = Some(header.width);
+    decoder_limits.max_image_height = Some(header.height);
     decoder.limits(decoder_limits);
     decoder
         .decode()

@@ -6,9 +6,8 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use tokio::sync::mpsc;
 
-use crate::batcher::{spawn_batcher, BatchQueue};
+use crate::batcher::{dispatch_channel, spawn_batcher, BatchQueue};
 use crate::config::{BatchingConfig, Manifest, ShadowConfig, VariantManifest};
 use crate::error::ServeError;
 use crate::metrics::VariantLabels;
@@ -96,13 +95,7 @@ impl ServedModel {
             .ok_or_else(|| ServeError::UnknownVariant {
                 model: self.name.clone(),
                 variant: name.to_string(),
-                known: self.variant_names(),
             })
-    }
-
-    fn variant_names(&self) -> String {
-        let names: Vec<_> = self.variants.iter().map(|v| v.name.as_str()).collect();
-        names.join(", ")
     }
 
     pub fn baseline(&self) -> &Variant {
@@ -125,7 +118,6 @@ impl Registry {
             .get(name)
             .ok_or_else(|| ServeError::UnknownModel {
                 name: name.to_string(),
-                known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
             })
     }
 
@@ -206,7 +198,7 @@ fn load_model(
         if i == baseline_index {
             baseline_macs = cost.macs;
         }
-        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (batch_tx, batch_rx) = dispatch_channel();
         let (queue, _) = spawn_batcher(&vm.name, vm.batching.unwrap_or(batching), batch_tx);
         let shape = (input.channels, input.height, input.width);
         let observer = SavingsObserver {

@@ -57,7 +57,11 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// A shared secret that clients send as `authorization: Bearer <key>` (or `x-api-key: <key>`).
 /// Its `Debug` never shows the key, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(Arc<str>);
+pub struct ApiKey {
+    key: Arc<str>,
+    /// SHA-256 of the key, what presented keys are compared with.
+    digest: [u8; 32],
+}
 
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,30 +77,42 @@ impl std::str::FromStr for ApiKey {
         if !valid {
             return Err("an API key is printable ASCII without spaces".into());
         }
-        Ok(Self(key.into()))
+        Ok(Self {
+            key: key.into(),
+            digest: sha256(key.as_bytes()),
+        })
     }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .try_into()
+        .expect("a SHA-256 digest is 32 bytes")
 }
 
 impl ApiKey {
     /// Adds the key to an outgoing request.
     pub fn authorise<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        let value = format!("Bearer {}", self.0)
+        let value = format!("Bearer {}", self.key)
             .parse()
             .expect("validated ASCII");
         request.metadata_mut().insert("authorization", value);
         request
     }
 
-    /// Whether `metadata` carries this key. Compared in constant time, so response timing
-    /// does not tell an attacker how much of a guess was right.
+    /// Whether `metadata` carries this key. The SHA-256 digests of the presented and the
+    /// expected key are compared, in constant time: response timing tells an attacker neither
+    /// how much of a guess was right nor how long the key is.
     fn admits(&self, metadata: &MetadataMap) -> bool {
         let presented = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| metadata.get("x-api-key").and_then(|v| v.to_str().ok()));
-        presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(self.0.as_bytes())))
+        presented.is_some_and(|p| bool::from(sha256(p.as_bytes()).ct_eq(&self.digest)))
     }
 }
 
@@ -139,6 +155,9 @@ mod tests {
         for (header, value) in [
             ("authorization", "Bearer s3cret-kez"),
             ("authorization", "Bearer s3cret-key2"),
+            ("authorization", "Bearer s3cret-ke"),
+            ("authorization", "Bearer s"),
+            ("x-api-key", "s3cret-keys3cret-key"),
             ("authorization", "s3cret-key"),
             ("x-api-key", ""),
         ] {

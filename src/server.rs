@@ -1,5 +1,6 @@
 //! Runs the service: gRPC (Classifier, health, reflection) on one listener, Prometheus text on
-//! another, models loading in the background, and a graceful drain on shutdown.
+//! another, models loading in the background, and a shutdown that ends: a graceful drain of
+//! accepted requests (at most the grace period), then every connection still open is closed.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -9,12 +10,14 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::Device;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::{Manifest, ServeConfig};
+use crate::connections::accept;
+use crate::deadline::StampDeadlineLayer;
 use crate::kserve::InferenceService;
 use crate::pb;
 use crate::pb::classifier_server::ClassifierServer;
@@ -35,6 +38,10 @@ const INFERENCE_NAME: &str =
 /// Headroom over the image limit for the rest of a request message.
 const MESSAGE_OVERHEAD: usize = 64 << 10;
 
+/// After the drain, how long connections get to take their GOAWAY and finish writing before
+/// they are cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Everything `serve` needs besides its listeners.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -51,19 +58,26 @@ pub struct ServeOptions {
 }
 
 /// Serves until `shutdown` completes, then refuses new requests, answers every accepted one
-/// (within the grace period) and returns.
+/// (within the grace period), closes the connections still open and returns: at most the grace
+/// period and about two seconds after `shutdown`, whatever clients do.
 pub async fn run(
     grpc: TcpListener,
     metrics: Option<TcpListener>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Installed before the models load, so an early SIGHUP cannot end the process; queued
+    // hangups reload once the models are in.
+    let hangups = hangup_signals();
+    let state = Arc::new(ServingState::new(options.config.limits));
     let prometheus = crate::metrics::handle();
     tokio::spawn(crate::metrics::upkeep(prometheus.clone()));
     if let Some(listener) = metrics {
+        let state = state.clone();
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
+                state.publish_queue_depths();
                 let text = prometheus.render();
                 async move { text }
             }),
@@ -86,7 +100,6 @@ pub async fn run(
     };
     set_health(ServingStatus::NotServing).await;
 
-    let state = Arc::new(ServingState::new(options.config.limits));
     let loading = {
         let state = state.clone();
         let options = options.clone();
@@ -99,7 +112,7 @@ pub async fn run(
             set_health(ServingStatus::Serving).await;
             tracing::info!("models loaded; serving");
             tokio::spawn(follow_workers(state.clone(), set_health));
-            tokio::spawn(reload_on_hangup(state, manifests));
+            tokio::spawn(reload_on_hangup(state, manifests, hangups));
             anyhow::Ok(())
         })
     };
@@ -114,7 +127,7 @@ pub async fn run(
     // KServe requests carry a batch: several images or an FP32 tensor.
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(state.clone()))
         .max_decoding_message_size(options.config.limits.max_request_bytes + MESSAGE_OVERHEAD)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(options.config.limits.max_response_bytes + MESSAGE_OVERHEAD);
 
     let drain = {
         let state = state.clone();
@@ -128,34 +141,74 @@ pub async fn run(
     // hyper's rapid-reset guard (CVE-2023-44487) closes a connection after 20 streams the client
     // reset before the server took them: with one shared channel, 20 impatient callers would cut
     // off everyone else on it. The guard stays, with room for a busy client's cancellations.
-    let mut builder =
-        Server::builder().http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS));
+    let connections = options.config.connections;
+    let mut builder = Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
+        .max_concurrent_streams(connections.max_concurrent_streams)
+        .http2_max_header_list_size(connections.max_header_list_bytes)
+        .http2_keepalive_interval(connections.keepalive_interval())
+        .http2_keepalive_timeout(Some(connections.keepalive_timeout()));
     if let Some(tls) = &options.tls {
         builder = builder
             .tls_config(tls.server_config()?)
             .context("TLS configuration")?;
     }
+    let (close, closed) = watch::channel(false);
     let server = builder
+        .layer(StampDeadlineLayer)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, guard.clone()))
         .add_service(InterceptedService::new(classifier, guard.clone()))
         .add_service(InterceptedService::new(inference, guard))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), drain);
+        .serve_with_incoming_shutdown(accept(grpc, connections, closed), drain);
 
-    tokio::pin!(server);
-    tokio::select! {
-        served = &mut server => return served.context("gRPC server failed"),
-        loaded = loading => loaded?.context("loading models")?,
+    // Streams, health watches and idle connections outlive the drain: they get GOAWAY, a
+    // moment to finish writing, then their connections are cut.
+    let closing = async {
+        state.closed().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::pin!(server, closing, loading);
+    let mut loaded = false;
+    loop {
+        tokio::select! {
+            served = &mut server => return served.context("gRPC server failed"),
+            result = &mut loading, if !loaded => {
+                loaded = true;
+                result?.context("loading models")?;
+            }
+            _ = &mut closing => break,
+        }
     }
-    server.await.context("gRPC server failed")
+    tracing::info!(
+        connections = close.receiver_count(),
+        "closing the connections still open"
+    );
+    close.send_replace(true);
+    let _ = tokio::time::timeout(CLOSE_GRACE, &mut server).await;
+    Ok(())
 }
 
-/// Re-reads the manifests' routing weights and shadow settings on every SIGHUP.
-async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>) {
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+fn hangup_signals() -> Hangups {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        signal(SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!(error = %e, "SIGHUP reloads are off"))
+            .ok()
+    }
+}
+
+/// Re-reads the manifests' routing weights and shadow settings on every SIGHUP.
+async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>, hangups: Hangups) {
+    #[cfg(unix)]
+    {
+        let Some(mut hangups) = hangups else {
             return;
         };
         while hangups.recv().await.is_some() {
@@ -166,7 +219,7 @@ async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>) {
         }
     }
     #[cfg(not(unix))]
-    let _ = (state, manifests);
+    let _ = (state, manifests, hangups);
 }
 
 /// Keeps health NOT_SERVING while a model worker is down (and once draining starts).

@@ -1,8 +1,8 @@
 //! `octserve.v1.Classifier`: the request path from a gRPC call to a batched prediction.
 //!
-//! handler -> model/variant lookup (A/B router) -> decode on the blocking pool -> bounded queue
-//! -> batcher -> model thread -> oneshot reply. Errors are [`ServeError`]s, turned into gRPC
-//! statuses in one place.
+//! handler -> model/variant lookup (A/B router) -> decode budget -> decode (inline when small,
+//! else on the blocking pool) -> bounded queue -> batcher -> model thread -> oneshot reply.
+//! Errors are [`ServeError`]s, turned into gRPC statuses in one place.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,16 +10,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::batcher::{InferError, Job, Prediction};
+use crate::budget::DecodeBudget;
+use crate::deadline::deadline;
 use crate::error::ServeError;
 use crate::pb;
-use crate::preprocess::{preprocess, ImageLimits};
+use crate::preprocess::{decode_header, read_header, ImageLimits};
 use crate::registry::{Registry, ServedModel, Variant};
 use crate::stats::savings;
 use crate::worker::WorkerHealth;
@@ -27,16 +28,38 @@ use crate::worker::WorkerHealth;
 /// Requests answered concurrently per `ClassifyStream` call.
 const STREAM_CONCURRENCY: usize = 32;
 
+/// Images of at most this many pixels are decoded on the handler's own thread: they take
+/// microseconds, less than the hop to the blocking pool and back.
+const INLINE_DECODE_PIXELS: u64 = 128 * 128;
+
+/// A decode holding at least this much hands its freed memory back to the system afterwards,
+/// so that a burst of large images does not leave the process's footprint at its peak.
+const RELEASE_AFTER_BYTES: u64 = 8 << 20;
+
 /// What every RPC handler shares: the models (once loaded), limits and the drain state.
-#[derive(Default)]
 pub struct ServingState {
     registry: OnceLock<Registry>,
     pub limits: ImageLimits,
+    budget: DecodeBudget,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     /// The model workers: a dead one makes the server not ready until it is restarted.
     pub workers: WorkerHealth,
     idle: Notify,
+    /// Set once the drain is over: open streams end then.
+    closed: watch::Sender<bool>,
+}
+
+impl Default for ServingState {
+    fn default() -> Self {
+        Self::new(ImageLimits::default())
+    }
+}
+
+/// An encoded image turned into model input, and how long that took.
+pub struct Decoded {
+    pub input: Vec<f32>,
+    pub time: Duration,
 }
 
 /// Counts a request as in flight until dropped.
@@ -53,8 +76,14 @@ impl Drop for InFlight<'_> {
 impl ServingState {
     pub fn new(limits: ImageLimits) -> Self {
         Self {
+            registry: OnceLock::new(),
+            budget: DecodeBudget::new(limits.decode_budget_bytes, limits.decode_wait()),
             limits,
-            ..Self::default()
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            workers: WorkerHealth::default(),
+            idle: Notify::new(),
+            closed: watch::channel(false).0,
         }
     }
 
@@ -85,7 +114,25 @@ impl ServingState {
         Ok(guard)
     }
 
-    /// Refuses new requests from now on and waits (at most `grace`) for accepted ones.
+    /// Completes once the drain is over (open streams end then).
+    pub async fn closed(&self) {
+        let mut closed = self.closed.subscribe();
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+
+    /// Sets the queue-depth gauges to the depths right now (called when metrics are scraped,
+    /// so the gauge is never stale).
+    pub fn publish_queue_depths(&self) {
+        let Some(registry) = self.registry.get() else {
+            return;
+        };
+        for variant in registry.models().flat_map(|m| m.variants.iter()) {
+            variant.labels.queue_depth(variant.queue.depth());
+        }
+    }
+
+    /// Refuses new requests from now on, waits (at most `grace`) for accepted ones, then ends
+    /// open streams.
     pub async fn drain(&self, grace: Duration) {
         self.draining.store(true, Ordering::Release);
         let wait_idle = async {
@@ -103,6 +150,7 @@ impl ServingState {
                 "grace period over; exiting with requests in flight"
             );
         }
+        self.closed.send_replace(true);
     }
 
     /// Whether the models are loaded, every worker is up and the server is not draining.
@@ -112,18 +160,37 @@ impl ServingState {
             && !self.draining.load(Ordering::Acquire)
     }
 
-    /// Decodes one encoded image into `model`'s input, on the blocking pool.
+    /// Decodes one encoded image into `model`'s input within the decode budget: refused from
+    /// its header alone when it is over a limit, refused when no budget frees up in time.
     pub async fn decode(
         &self,
         model: &ServedModel,
         image: Vec<u8>,
-    ) -> Result<Vec<f32>, ServeError> {
-        let spec = model.input.clone();
-        let limits = self.limits;
-        tokio::task::spawn_blocking(move || preprocess(&image, &spec, &limits))
+        deadline: Option<Instant>,
+    ) -> Result<Decoded, ServeError> {
+        let started = Instant::now();
+        let header = read_header(&image, &model.input, &self.limits)?;
+        let reservation = self.budget.reserve(header.decode_bytes, deadline).await?;
+        let input = if header.pixels() <= INLINE_DECODE_PIXELS {
+            decode_header(&image, &header, &model.input)?
+        } else {
+            let spec = model.input.clone();
+            tokio::task::spawn_blocking(move || {
+                let input = decode_header(&image, &header, &spec);
+                drop(image);
+                if header.decode_bytes >= RELEASE_AFTER_BYTES {
+                    crate::alloc::release_freed_memory();
+                }
+                drop(reservation);
+                input
+            })
             .await
-            .map_err(|e| ServeError::InvalidArgument(format!("image decoding failed: {e}")))?
-            .map_err(ServeError::from)
+            .map_err(|e| ServeError::InvalidArgument(format!("image decoding failed: {e}")))??
+        };
+        Ok(Decoded {
+            input,
+            time: started.elapsed(),
+        })
     }
 
     /// Classifies one decoded input on `variant` of `model`, mirroring it to the shadow variant
@@ -140,7 +207,6 @@ impl ServingState {
             .and_then(|s| ShadowRun::submit(s, &input));
         let (job, reply) = Job::new(input, deadline);
         variant.queue.submit(job)?;
-        variant.labels.queue_depth(variant.queue.depth());
         let reply = match deadline {
             Some(d) => tokio::time::timeout_at(d, reply)
                 .await
@@ -149,6 +215,10 @@ impl ServingState {
         };
         // Only a worker that died drops a job unanswered.
         let prediction = reply.map_err(|_| InferError::WorkerDied)??;
+        // An answer computed after the caller's deadline reaches no one.
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(ServeError::DeadlineExceeded);
+        }
         variant.labels.queued(prediction.queue_time.as_secs_f64());
         if let Some(shadow) = shadow {
             shadow.compare(&prediction);
@@ -165,38 +235,66 @@ impl ServingState {
         let started = Instant::now();
         let model = self.registry()?.model(&request.model)?;
         let variant = model.variant(&request.variant, &request.routing_key)?;
+        let record = RequestRecord::new(variant, started);
         let result = async {
             variant.queue.ensure_room(1)?;
-            let input = self.decode(model, request.image).await?;
-            self.infer(model, variant, input, deadline).await
+            let decoded = self.decode(model, request.image, deadline).await?;
+            variant.labels.decoded(decoded.time.as_secs_f64());
+            let prediction = self.infer(model, variant, decoded.input, deadline).await?;
+            Ok((prediction, decoded.time))
         }
         .await;
-        let prediction = record_request(variant, started, result)?;
+        let (prediction, decode_time) = record.finish(result)?;
         Ok(response(
             model,
             variant,
             &prediction,
             request.top_k,
+            decode_time,
             started.elapsed(),
         ))
     }
 }
 
-/// Records a finished request's status and latency on the variant that answered it.
-pub fn record_request<T>(
-    variant: &Variant,
+/// Records one request's status and latency on the variant that answers it, exactly once: when
+/// it finishes, or as CANCELLED when it is dropped unfinished (the caller went away and its
+/// handler with it).
+pub struct RequestRecord<'a> {
+    variant: &'a Variant,
     started: Instant,
-    result: Result<T, ServeError>,
-) -> Result<T, ServeError> {
-    let latency = started.elapsed().as_secs_f64();
-    let code = result
-        .as_ref()
-        .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-    variant.labels.request(code, latency);
-    if result.is_ok() {
-        variant.stats.record_request(latency * 1e3);
+    finished: bool,
+}
+
+impl<'a> RequestRecord<'a> {
+    pub fn new(variant: &'a Variant, started: Instant) -> Self {
+        Self {
+            variant,
+            started,
+            finished: false,
+        }
     }
-    result
+
+    pub fn finish<T>(mut self, result: Result<T, ServeError>) -> Result<T, ServeError> {
+        self.finished = true;
+        let latency = self.started.elapsed().as_secs_f64();
+        let code = result
+            .as_ref()
+            .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+        self.variant.labels.request(code, latency);
+        if result.is_ok() {
+            self.variant.stats.record_request(latency * 1e3);
+        }
+        result
+    }
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let latency = self.started.elapsed().as_secs_f64();
+            self.variant.labels.request(tonic::Code::Cancelled, latency);
+        }
+    }
 }
 
 /// A request mirrored to a shadow variant: computed in the background, compared with the
@@ -266,6 +364,7 @@ fn response(
     variant: &Variant,
     p: &Prediction,
     k: u32,
+    decode: Duration,
     total: Duration,
 ) -> pb::ClassifyResponse {
     pb::ClassifyResponse {
@@ -277,25 +376,10 @@ fn response(
             compute_us: p.compute_time.as_micros() as u64,
             total_us: total.as_micros() as u64,
             batch_size: p.batch_size as u32,
+            decode_us: decode.as_micros() as u64,
         }),
+        status: None,
     }
-}
-
-/// The client's deadline from the `grpc-timeout` header (e.g. `100m`, `5S`).
-pub fn grpc_deadline(metadata: &MetadataMap) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    Some(Instant::now() + timeout)
 }
 
 /// The gRPC service over a shared [`ServingState`].
@@ -319,7 +403,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let _in_flight = self.state.admit()?;
-        let deadline = grpc_deadline(request.metadata());
+        let deadline = deadline(&request);
         let request = request.into_inner();
         let span =
             tracing::info_span!("classify", model = %request.model, variant = %request.variant);
@@ -343,19 +427,30 @@ impl pb::classifier_server::Classifier for ClassifierService {
         &self,
         request: Request<Streaming<pb::ClassifyRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let deadline = grpc_deadline(request.metadata());
+        let deadline = deadline(&request);
         let state = self.state.clone();
+        let closed = {
+            let state = self.state.clone();
+            Box::pin(async move { state.closed().await })
+        };
+        // Each request gets its own reply, failures included (in `status`), in order. Only
+        // the stream itself failing (a malformed message) or the end of the drain ends it.
         let responses = request
             .into_inner()
             .map(move |item| {
                 let state = state.clone();
                 async move {
-                    let _in_flight = state.admit()?;
-                    Ok(state.classify(item?, deadline).await?)
+                    let item = item?;
+                    let reply = match state.admit() {
+                        Ok(_in_flight) => state.classify(item, deadline).await,
+                        Err(_) => Err(ServeError::ShuttingDown),
+                    };
+                    Ok(reply.unwrap_or_else(|e| failed_item(&e)))
                 }
             })
-            .buffered(STREAM_CONCURRENCY);
-        Ok(Response::new(Box::pin(responses)))
+            .buffered(STREAM_CONCURRENCY)
+            .take_until(closed);
+        Ok(Response::new(Box::pin(end_on_close(responses))))
     }
 
     async fn list_models(
@@ -365,6 +460,39 @@ impl pb::classifier_server::Classifier for ClassifierService {
         let registry = self.state.registry()?;
         let models = registry.models().map(|m| model_info(m)).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+/// The replies, then UNAVAILABLE if the drain ended the stream before its client did.
+fn end_on_close<S, F>(
+    replies: futures::stream::TakeUntil<S, F>,
+) -> impl Stream<Item = Result<pb::ClassifyResponse, Status>>
+where
+    S: Stream<Item = Result<pb::ClassifyResponse, Status>> + Unpin,
+    F: std::future::Future + Unpin,
+{
+    futures::stream::unfold(Some(replies), |replies| async move {
+        let mut replies = replies?;
+        match replies.next().await {
+            Some(reply) => Some((reply, Some(replies))),
+            // Only a resolved stop future leaves a result: the client's own end leaves none.
+            None if replies.take_result().is_some() => Some((
+                Err(Status::unavailable("the server is shutting down")),
+                None,
+            )),
+            None => None,
+        }
+    })
+}
+
+/// A `ClassifyStream` reply for a request that failed.
+fn failed_item(error: &ServeError) -> pb::ClassifyResponse {
+    pb::ClassifyResponse {
+        status: Some(pb::ItemStatus {
+            code: error.code() as i32,
+            message: error.to_string(),
+        }),
+        ..Default::default()
     }
 }
 

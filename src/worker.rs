@@ -9,10 +9,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor, D};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::alloc::measure_peak;
-use crate::batcher::{drop_expired, InferError, Job, Prediction};
+use crate::batcher::{drop_expired, BatchReceiver, InferError, Job, Prediction};
 use crate::device::{device_name, memory_info};
 use crate::model::Model;
 
@@ -109,14 +109,14 @@ impl WorkerHealth {
     }
 }
 
-type Batches = Arc<Mutex<mpsc::Receiver<Vec<Job>>>>;
+type Batches = Arc<Mutex<BatchReceiver>>;
 
 /// Starts one variant's worker thread, and its supervisor, which restarts the worker on a fresh
 /// clone of `model` if it dies. Both end when `batches` closes.
 pub fn spawn_worker(
     name: &str,
     model: impl BatchModel + Clone,
-    batches: mpsc::Receiver<Vec<Job>>,
+    batches: BatchReceiver,
     observe: impl Fn(&BatchReport) + Send + Sync + 'static,
     health: WorkerHealth,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -159,7 +159,7 @@ fn serve_batches(mut model: impl BatchModel, batches: &Batches, observe: &dyn Fn
         let batch = batches
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .blocking_recv();
+            .next_batch();
         let Some(batch) = batch else { return };
         // A job whose caller gave up or whose time ran out while the batch waited for the
         // worker is not computed.

@@ -4,11 +4,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use octserve::batcher::{spawn_batcher, BatchQueue, InferError, Job, Prediction};
-use octserve::config::BatchingConfig;
+use octserve::batcher::{dispatch_channel, spawn_batcher, BatchQueue, InferError, Job, Prediction};
+use octserve::config::{BatchingConfig, Dispatch};
 use octserve::worker::{spawn_worker, BatchModel, WorkerHealth};
 
 const DELAY: Duration = Duration::from_millis(10);
@@ -19,6 +18,7 @@ fn config(max_batch_size: usize, max_queue_size: usize) -> BatchingConfig {
         max_queue_delay_us: DELAY.as_micros() as u64,
         max_queue_size,
         queue_timeout_us: 0,
+        dispatch: Dispatch::WhenIdle,
     }
 }
 
@@ -41,7 +41,7 @@ impl BatchModel for Echo {
 }
 
 fn served(config: BatchingConfig) -> (BatchQueue, Echo) {
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = dispatch_channel();
     let (queue, _) = spawn_batcher("test", config, tx);
     let echo = Echo::default();
     spawn_worker("test", echo.clone(), rx, |_| {}, WorkerHealth::default()).unwrap();
@@ -58,11 +58,11 @@ fn submit(queue: &BatchQueue, value: f32, deadline: Option<Instant>) -> Reply {
 
 #[tokio::test(start_paused = true)]
 async fn a_full_batch_goes_at_once() {
-    let (tx, mut rx) = mpsc::channel(1);
+    let (tx, mut rx) = dispatch_channel();
     let (queue, _) = spawn_batcher("test", config(4, 64), tx);
     let start = Instant::now();
     let _replies: Vec<Reply> = (0..4).map(|i| submit(&queue, i as f32, None)).collect();
-    let batch = rx.recv().await.unwrap();
+    let batch = rx.next_batch_async().await.unwrap();
     assert_eq!(batch.len(), 4);
     assert!(
         start.elapsed() < DELAY,
@@ -72,20 +72,24 @@ async fn a_full_batch_goes_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_partial_batch_goes_after_the_queue_delay() {
-    let (tx, mut rx) = mpsc::channel(1);
-    let (queue, _) = spawn_batcher("test", config(4, 64), tx);
+async fn after_delay_a_partial_batch_waits_the_queue_delay_for_company() {
+    let (tx, mut rx) = dispatch_channel();
+    let after_delay = BatchingConfig {
+        dispatch: Dispatch::AfterDelay,
+        ..config(4, 64)
+    };
+    let (queue, _) = spawn_batcher("test", after_delay, tx);
     let start = Instant::now();
     let _replies: Vec<Reply> = (0..2).map(|i| submit(&queue, i as f32, None)).collect();
-    let batch = rx.recv().await.unwrap();
+    let batch = rx.next_batch_async().await.unwrap();
     assert_eq!(batch.len(), 2);
     assert_eq!(start.elapsed(), DELAY);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_refuses_at_once() {
-    // Nobody takes batches: one batch waits in the batcher, then the queue fills.
-    let (tx, _rx) = mpsc::channel(1);
+    // No worker is ever idle: one batch waits in the batcher, then the queue fills.
+    let (tx, _rx) = dispatch_channel();
     let (queue, _) = spawn_batcher("test", config(1, 2), tx);
     let mut outcomes = Vec::new();
     for i in 0..10 {
@@ -103,7 +107,11 @@ async fn a_full_queue_refuses_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn an_expired_request_is_answered_and_never_computed() {
-    let (queue, echo) = served(config(8, 64));
+    // Waiting for company keeps the request queued past its deadline.
+    let (queue, echo) = served(BatchingConfig {
+        dispatch: Dispatch::AfterDelay,
+        ..config(8, 64)
+    });
     let expired = submit(&queue, 1., Some(Instant::now() + DELAY / 2));
     let patient = submit(&queue, 2., None);
     assert_eq!(expired.await.unwrap(), Err(InferError::DeadlineExceeded));
@@ -165,6 +173,7 @@ async fn a_request_that_outwaits_the_queue_timeout_is_refused_and_a_prompt_one_c
     let timeout = DELAY / 2;
     let (queue, echo) = served(BatchingConfig {
         queue_timeout_us: timeout.as_micros() as u64,
+        dispatch: Dispatch::AfterDelay,
         ..config(2, 64)
     });
     // Alone, it waits the whole queue delay for a partner: longer than the timeout.
@@ -185,4 +194,73 @@ async fn a_request_that_outwaits_the_queue_timeout_is_refused_and_a_prompt_one_c
         2,
         "the late one was not computed"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_request_on_an_idle_worker_goes_at_once() {
+    let (tx, mut rx) = dispatch_channel();
+    let slow_to_fill = BatchingConfig {
+        max_queue_delay_us: 10_000_000,
+        ..config(32, 64)
+    };
+    let (queue, _) = spawn_batcher("test", slow_to_fill, tx);
+    let start = Instant::now();
+    let _reply = submit(&queue, 1., None);
+    let batch = rx.next_batch_async().await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO, "the lone request waited");
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_arriving_while_a_batch_computes_form_the_next_batch() {
+    let (tx, mut rx) = dispatch_channel();
+    let (queue, _) = spawn_batcher("test", config(32, 64), tx);
+    let _first = submit(&queue, 0., None);
+    assert_eq!(rx.next_batch_async().await.unwrap().len(), 1);
+    // The worker computes (takes no batch) while five more arrive, long past the queue delay.
+    let _replies: Vec<Reply> = (1..6).map(|i| submit(&queue, i as f32, None)).collect();
+    tokio::time::sleep(DELAY * 5).await;
+    assert_eq!(queue.depth(), 5, "they wait for the busy worker");
+    let batch = rx.next_batch_async().await.unwrap();
+    let values: Vec<f32> = batch.iter().map(|j| j.input[0]).collect();
+    assert_eq!(values, [1., 2., 3., 4., 5.]);
+    assert_eq!(queue.depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_depth_counts_waiting_jobs_and_returns_to_zero() {
+    let (tx, rx) = dispatch_channel();
+    let (queue, _) = spawn_batcher("test", config(8, 4096), tx);
+    spawn_worker("test", Echo::default(), rx, |_| {}, WorkerHealth::default()).unwrap();
+    let watcher = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let mut deepest = 0;
+            for _ in 0..2000 {
+                let depth = queue.depth();
+                assert!(depth <= 2000, "the depth wrapped: {depth}");
+                deepest = deepest.max(depth);
+                tokio::task::yield_now().await;
+            }
+            deepest
+        })
+    };
+    let submitters: Vec<_> = (0..4)
+        .map(|t| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let replies: Vec<Reply> = (0..500)
+                    .map(|i| submit(&queue, (t * 1000 + i) as f32, None))
+                    .collect();
+                for reply in replies {
+                    reply.await.unwrap().unwrap();
+                }
+            })
+        })
+        .collect();
+    for submitter in submitters {
+        submitter.await.unwrap();
+    }
+    assert!(watcher.await.unwrap() > 1, "the depth never showed a queue");
+    assert_eq!(queue.depth(), 0, "an idle queue reports waiting jobs");
 }

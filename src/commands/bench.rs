@@ -12,16 +12,17 @@ use octserve::model::arch::Arch;
 use octserve::model::weights::WeightSource;
 use octserve::model::{Model, ModelConfig};
 
-use super::{print_json, ModelArgs};
+use super::{at_least_one, print_json, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, env = "OCTSERVE_BATCH_SIZE", default_value_t = 1)]
+    /// Images per forward pass, at least 1.
+    #[arg(long, env = "OCTSERVE_BATCH_SIZE", default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
-    /// Timed iterations (after two untimed warm-up passes).
-    #[arg(long, env = "OCTSERVE_ITERS", default_value_t = 20)]
+    /// Timed iterations (after two untimed warm-up passes), at least 1.
+    #[arg(long, env = "OCTSERVE_ITERS", default_value_t = 20, value_parser = at_least_one)]
     pub iters: usize,
     /// A safetensors file by PyTorch names, or `random`.
     #[arg(long, env = "OCTSERVE_WEIGHTS", default_value = "random")]
@@ -192,6 +193,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .transpose()?;
     let size = args.model.input_size;
     let shape = (args.batch_size, args.model.in_channels, size, size);
+    let bytes = [shape.0, shape.1, size, size, 4]
+        .into_iter()
+        .try_fold(1usize, usize::checked_mul)
+        .filter(|&bytes| bytes <= isize::MAX as usize);
+    anyhow::ensure!(
+        bytes.is_some(),
+        "a batch of {} inputs of {}x{size}x{size} floats is too large to allocate",
+        shape.0,
+        shape.1
+    );
     // Drawn on the CPU (so a parity reference can see the same numbers), uploaded once.
     let input = Tensor::randn(0f32, 1., shape, &Device::Cpu)?
         .to_device(&device)?

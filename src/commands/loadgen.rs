@@ -18,35 +18,48 @@ use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::ClassifyRequest;
 
 use super::bench::percentile;
-use super::{print_json, TargetArgs};
+use super::{at_least_one, number_in, print_json, TargetArgs};
 
 #[derive(Args, Debug)]
 pub struct LoadgenArgs {
     #[command(flatten)]
     pub target: TargetArgs,
     /// Closed loop: clients. Open loop (`--rate`): most requests in flight at once.
-    #[arg(long, env = "OCTSERVE_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "OCTSERVE_CONCURRENCY", default_value_t = 32, value_parser = at_least_one)]
     pub concurrency: usize,
-    /// Open loop: requests started per second (0: closed loop).
-    #[arg(long, env = "OCTSERVE_RATE", default_value_t = 0.)]
+    /// Open loop: requests started per second, at most 1e6 (0: closed loop).
+    #[arg(long, env = "OCTSERVE_RATE", default_value_t = 0., value_parser = number_in(0., MAX_RATE))]
     pub rate: f64,
-    /// Seconds to send for.
-    #[arg(long, env = "OCTSERVE_DURATION", default_value_t = 10.)]
+    /// Seconds to send for (more than 0, at most a year).
+    #[arg(long, env = "OCTSERVE_DURATION", default_value_t = 10., value_parser = positive_seconds)]
     pub duration: f64,
     /// An image file or a directory of images, sent round-robin.
     #[arg(long, env = "OCTSERVE_IMAGES")]
     pub images: PathBuf,
     /// gRPC connections the clients share (HTTP/2 multiplexes the rest).
-    #[arg(long, env = "OCTSERVE_CONNECTIONS", default_value_t = 4)]
+    #[arg(long, env = "OCTSERVE_CONNECTIONS", default_value_t = 4, value_parser = at_least_one)]
     pub connections: usize,
     /// Per-request deadline in milliseconds (0: none).
     #[arg(long, env = "OCTSERVE_TIMEOUT_MS", default_value_t = 0)]
     pub timeout_ms: u64,
     /// Also report each window of this many seconds (0: none), to see drift over a long run.
-    #[arg(long, env = "OCTSERVE_WINDOW_SECS", default_value_t = 0.)]
+    #[arg(long, env = "OCTSERVE_WINDOW_SECS", default_value_t = 0., value_parser = number_in(0., MAX_SECONDS))]
     pub window_secs: f64,
     #[arg(long, env = "OCTSERVE_JSON")]
     pub json: bool,
+}
+
+/// Most requests per second `--rate` starts (a faster tick would round to no interval at all).
+const MAX_RATE: f64 = 1e6;
+/// Longest `--duration` and `--window-secs`: a year.
+const MAX_SECONDS: f64 = 365. * 24. * 3600.;
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let seconds = number_in(0., MAX_SECONDS)(s)?;
+    if seconds == 0. {
+        return Err("0 seconds sends nothing; give more than 0".into());
+    }
+    Ok(seconds)
 }
 
 #[derive(Serialize)]

@@ -15,6 +15,7 @@ use clap::Args;
 use tonic::transport::Channel;
 use tonic::Request;
 
+use octserve::config::MAX_INPUT_SIDE;
 use octserve::model::{Arch, ModelConfig};
 use octserve::security::{client_tls, ApiKey};
 
@@ -27,12 +28,14 @@ pub struct ModelArgs {
     /// Low-frequency channel fraction of octave nets, in [0, 1).
     #[arg(long, env = "OCTSERVE_ALPHA", default_value_t = 0.5)]
     pub alpha: f64,
-    /// Square input size in pixels.
-    #[arg(long, env = "OCTSERVE_INPUT_SIZE", default_value_t = 224)]
+    /// Square input size in pixels, 1 to 4096 (a manifest's largest).
+    #[arg(long, env = "OCTSERVE_INPUT_SIZE", default_value_t = 224, value_parser = one_to(MAX_INPUT_SIDE))]
     pub input_size: usize,
-    #[arg(long, env = "OCTSERVE_IN_CHANNELS", default_value_t = 3)]
+    /// Input channels, 1 to 4096.
+    #[arg(long, env = "OCTSERVE_IN_CHANNELS", default_value_t = 3, value_parser = one_to(4096))]
     pub in_channels: usize,
-    #[arg(long, env = "OCTSERVE_NUM_CLASSES", default_value_t = 1000)]
+    /// Classes, 1 to 2^20.
+    #[arg(long, env = "OCTSERVE_NUM_CLASSES", default_value_t = 1000, value_parser = one_to(1 << 20))]
     pub num_classes: usize,
 }
 
@@ -102,6 +105,35 @@ pub struct TargetArgs {
     /// Empty: the server's A/B router picks.
     #[arg(long, env = "OCTSERVE_VARIANT", default_value = "")]
     pub variant: String,
+}
+
+/// Clap's parser for a count that must be at least 1 (0 would leave nothing to do).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>().map_err(|e| e.to_string())? {
+        0 => Err("it must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+/// Clap's parser for a size from 1 to `max`: 0 leaves an empty tensor, which the model's
+/// kernels do not take, and the bound keeps the analytic cost from overflowing.
+pub fn one_to(max: usize) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=max as u64)
+}
+
+/// Clap's parser for a number from `min` to `max` (finite: NaN and infinities are refused), for
+/// flags that become a `Duration`, which panics on negative, NaN or overflowing seconds.
+pub fn number_in(
+    min: f64,
+    max: f64,
+) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let value: f64 = s.parse().map_err(|e| format!("{e}"))?;
+        if !(min..=max).contains(&value) {
+            return Err(format!("{s} is not a number from {min} to {max}"));
+        }
+        Ok(value)
+    }
 }
 
 /// Prints `value` as one JSON object on stdout.

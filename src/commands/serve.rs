@@ -69,7 +69,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         grace_period: Duration::from_secs(grace),
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let grpc = TcpListener::bind(args.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC to {}", args.grpc_addr))?;
@@ -78,7 +78,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding metrics to {}", args.metrics_addr))?;
         tracing::info!(grpc = %args.grpc_addr, metrics = %args.metrics_addr, "listening");
         serve(grpc, Some(metrics), options, shutdown_signal()).await
-    })
+    });
+    // A model still loading or an image still decoding on the blocking pool must not hold the
+    // exit past the shutdown's bound.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// Completes on SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::deadline::deadline;
 use crate::error::ServeError;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::pb::inference::infer_parameter::ParameterChoice;
 use crate::pb::inference::*;
-use crate::service::{grpc_deadline, record_request, ServingState};
+use crate::service::{RequestRecord, ServingState};
 use tensor::Images;
 
 pub use tensor::{IMAGE, INPUT, PROBABILITIES};
@@ -112,7 +113,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let _in_flight = self.state.admit()?;
-        let deadline = grpc_deadline(request.metadata());
+        let deadline = deadline(&request);
         let request = request.into_inner();
         let span = tracing::info_span!(
             "model_infer",
@@ -156,6 +157,7 @@ async fn infer(
         _ => "",
     };
     let variant = model.variant(&model_version, routing_key)?;
+    let record = RequestRecord::new(variant, started);
     let result = async {
         let outputs = tensor::requested_outputs(&outputs, model.labels.len())?;
         let images = tensor::read_inputs(
@@ -164,14 +166,28 @@ async fn infer(
             &model.input,
             variant.queue.capacity(),
         )?;
+        let response_bytes = tensor::response_bytes(&outputs, images.len(), &model.labels);
+        let limit = state.limits.max_response_bytes;
+        if response_bytes > limit {
+            return Err(ServeError::InvalidArgument(format!(
+                "the response would be about {response_bytes} bytes, over the limit of {limit}; \
+                 send fewer images or ask for fewer classes"
+            )));
+        }
         variant.queue.ensure_room(images.len())?;
         let inputs = match images {
             Images::Normalised(inputs) => inputs,
             Images::Encoded(images) => {
                 try_join_all(images.into_iter().enumerate().map(|(i, image)| async move {
-                    state.decode(model, image).await.map_err(|e| {
-                        ServeError::InvalidArgument(format!("input '{IMAGE}' element {i}: {e}"))
-                    })
+                    let decoded = state.decode(model, image, deadline).await;
+                    let decoded = decoded.map_err(|e| match e {
+                        ServeError::BadImage(e) => ServeError::InvalidArgument(format!(
+                            "input '{IMAGE}' element {i}: bad image: {e}"
+                        )),
+                        e => e,
+                    })?;
+                    variant.labels.decoded(decoded.time.as_secs_f64());
+                    Ok::<_, ServeError>(decoded.input)
                 }))
                 .await?
             }
@@ -190,7 +206,7 @@ async fn infer(
         ))
     }
     .await;
-    let (outputs, raw_output_contents) = record_request(variant, started, result)?;
+    let (outputs, raw_output_contents) = record.finish(result)?;
     Ok(ModelInferResponse {
         model_name: model.name.clone(),
         model_version: variant.name.clone(),

@@ -5,7 +5,7 @@
 //! FP32 `[N, K]`; with Triton's classification extension (the output's parameter
 //! `classification` = k) the same output is BYTES `[N, k]` strings `"score:index:label"`.
 
-use crate::error::ServeError;
+use crate::error::{clip, ServeError};
 use crate::pb::inference::infer_parameter::ParameterChoice;
 use crate::pb::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use crate::pb::inference::model_infer_response::InferOutputTensor;
@@ -89,16 +89,19 @@ pub fn read_inputs(
     if raw.is_some() && tensor.contents.is_some() {
         return Err(invalid(format!(
             "input '{}' has both contents and raw_input_contents; send one",
-            tensor.name
+            clip(&tensor.name)
         )));
     }
     match tensor.name.as_str() {
         INPUT => read_normalised(tensor, raw, spec, max_images),
         IMAGE => read_encoded(tensor, raw, max_images),
         other => Err(invalid(format!(
-            "unknown input '{other}'; the inputs are '{INPUT}' (FP32 [N, {}, {}, {}], normalised) \
+            "unknown input '{}'; the inputs are '{INPUT}' (FP32 [N, {}, {}, {}], normalised) \
              and '{IMAGE}' (BYTES [N], encoded images)",
-            spec.channels, spec.height, spec.width
+            clip(other),
+            spec.channels,
+            spec.height,
+            spec.width
         ))),
     }
 }
@@ -192,7 +195,8 @@ fn expect_datatype(tensor: &InferInputTensor, datatype: &str) -> Result<(), Serv
     }
     Err(invalid(format!(
         "input '{}' must be {datatype}, not '{}'",
-        tensor.name, tensor.datatype
+        clip(&tensor.name),
+        clip(&tensor.datatype)
     )))
 }
 
@@ -249,11 +253,19 @@ pub fn requested_outputs(
     }
     outputs
         .iter()
-        .map(|output| {
+        .enumerate()
+        .map(|(i, output)| {
             if output.name != PROBABILITIES {
                 return Err(invalid(format!(
                     "unknown output '{}'; the output is '{PROBABILITIES}' (FP32 [N, {classes}], or \
                      BYTES [N, k] \"score:index:label\" with parameter '{CLASSIFICATION}' = k)",
+                    clip(&output.name)
+                )));
+            }
+            // Like Triton: each output at most once, so one request cannot multiply its response.
+            if outputs[..i].iter().any(|o| o.name == output.name) {
+                return Err(invalid(format!(
+                    "output '{}' is requested twice",
                     output.name
                 )));
             }
@@ -274,6 +286,32 @@ pub fn requested_outputs(
             Ok(Output::Classification(k.min(classes as i128) as usize))
         })
         .collect()
+}
+
+/// Bytes allowed per output tensor for its name, datatype, shape and protobuf framing.
+const TENSOR_OVERHEAD: usize = 64;
+
+/// An upper estimate of the response bytes [`write_outputs`] gives for `outputs` of `n` images
+/// of a model with `labels`, to refuse a request whose answer would pass the message size
+/// limit before computing it. FP32 probabilities are `n * classes * 4` bytes; each
+/// classification string is a 4-byte length then `"score:index:label"`, its score a
+/// probability written `0.123456`. Saturates instead of overflowing.
+pub fn response_bytes(outputs: &[Output], n: usize, labels: &[String]) -> usize {
+    let classes = labels.len();
+    let data = |output: &Output| match *output {
+        Output::Probabilities => n.saturating_mul(classes).saturating_mul(4),
+        Output::Classification(k) => {
+            let index_digits = classes.saturating_sub(1).max(1).ilog10() as usize + 1;
+            let longest_label = labels.iter().map(String::len).max().unwrap_or(0);
+            let string = "0.123456".len() + 1 + index_digits + 1 + longest_label;
+            n.saturating_mul(k.min(classes)).saturating_mul(4 + string)
+        }
+    };
+    outputs.iter().fold(0, |total: usize, output| {
+        total
+            .saturating_add(data(output))
+            .saturating_add(TENSOR_OVERHEAD)
+    })
 }
 
 /// The response's output tensors and their data, which goes in `raw_output_contents` as
@@ -436,6 +474,67 @@ mod tests {
             let message = error(read_inputs(inputs, raw, &spec(), 8));
             assert!(message.contains(expected), "{message} lacks {expected}");
         }
+    }
+
+    fn output(name: &str) -> InferRequestedOutputTensor {
+        InferRequestedOutputTensor {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_output_requested_twice_is_refused() {
+        assert_eq!(
+            requested_outputs(&[output(PROBABILITIES)], 3).unwrap(),
+            [Output::Probabilities]
+        );
+        let message = requested_outputs(&[output(PROBABILITIES), output(PROBABILITIES)], 3)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, "output 'probabilities' is requested twice");
+        let unknown = requested_outputs(&[output(&"x".repeat(1 << 20))], 3)
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.len() < 400, "{} bytes", unknown.len());
+    }
+
+    #[test]
+    fn response_bytes_bounds_what_write_outputs_gives() {
+        let labels: Vec<String> = (0..11).map(|i| format!("label-{i}")).collect();
+        let probabilities: Vec<Vec<f32>> = (0..5)
+            .map(|i| (0..11).map(|c| ((i * 11 + c) % 7) as f32 / 7.).collect())
+            .collect();
+        let rows: Vec<&[f32]> = probabilities.iter().map(Vec::as_slice).collect();
+        for outputs in [
+            vec![Output::Probabilities],
+            vec![Output::Classification(3)],
+            vec![Output::Classification(11)],
+            vec![Output::Probabilities, Output::Classification(11)],
+        ] {
+            let (tensors, raw) = write_outputs(&outputs, &rows, &labels);
+            let metadata: usize = tensors
+                .iter()
+                .map(|t| t.name.len() + t.datatype.len() + 10 * t.shape.len() + 16)
+                .sum();
+            let written = raw.iter().map(Vec::len).sum::<usize>() + metadata;
+            let bound = response_bytes(&outputs, rows.len(), &labels);
+            assert!(written <= bound, "{outputs:?}: {written} > {bound}");
+            assert!(bound <= 2 * written, "{outputs:?}: {bound} is not tight");
+        }
+        assert_eq!(
+            response_bytes(&[Output::Probabilities], 8, &labels),
+            8 * 11 * 4 + TENSOR_OVERHEAD
+        );
+        // "0.123456:10:label-10" is 20 bytes, after its 4-byte length.
+        assert_eq!(
+            response_bytes(&[Output::Classification(2)], 3, &labels),
+            3 * 2 * 24 + TENSOR_OVERHEAD
+        );
+        assert_eq!(
+            response_bytes(&[Output::Probabilities], usize::MAX, &labels),
+            usize::MAX
+        );
     }
 
     #[test]
