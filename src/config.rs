@@ -374,6 +374,10 @@ routing_weight = 1
             .unwrap_err()
             .to_string();
         assert!(error.contains("unknown field `max_queue_delay`"), "{error}");
+        let error = toml::from_str::<ServeConfig>("[limits]\nmax_pixel = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `max_pixel`"), "{error}");
         let variant_batching = with(
             "routing_weight = 1\n\n[[variants]]",
             "routing_weight = 1\nbatching = { max_batch_sise = 8 }\n\n[[variants]]",

@@ -111,3 +111,71 @@ fn random_twins_share_their_weights() {
             != a.forward(&x).unwrap().to_vec2::<f32>().unwrap()
     );
 }
+
+/// `octserve` with `args`, expected to be refused at argument parsing: its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_octserve"))
+        .args(args)
+        .output()
+        .expect("octserve runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Clap's usage errors exit 2; a panic exits 101.
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn bench_refuses_zero_or_oversized_sizes_without_panicking() {
+    let model = ["bench", "--arch", "resnet20", "--input-size", "28"];
+    for (flag, expected) in [
+        (
+            "--batch-size",
+            "invalid value '0' for '--batch-size <BATCH_SIZE>'",
+        ),
+        ("--iters", "invalid value '0' for '--iters <ITERS>'"),
+    ] {
+        let stderr = refused(&[&model[..], &[flag, "0"]].concat());
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("it must be at least 1"), "{stderr}");
+    }
+    // The model's sizes: 0 gives an empty tensor, a huge input size overflows the cost walk.
+    for (command, flag, value) in [
+        ("bench", "--input-size", "0"),
+        ("bench", "--in-channels", "0"),
+        ("bench", "--num-classes", "0"),
+        ("inspect", "--input-size", "10000000000"),
+    ] {
+        let stderr = refused(&[command, "--arch", "resnet20", flag, value]);
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{stderr}"
+        );
+    }
+}
+
+/// Values that would panic turning into a `Duration` (or leave nothing to send) are refused
+/// before any connection is made.
+#[test]
+fn loadgen_refuses_values_that_would_panic() {
+    let target = ["loadgen", "--model", "m", "--images", "."];
+    for (flag, value) in [
+        ("--duration", "-1"),
+        ("--duration", "NaN"),
+        ("--duration", "1e300"),
+        ("--duration", "0"),
+        ("--rate", "inf"),
+        ("--rate", "1e12"),
+        ("--rate", "-5"),
+        ("--window-secs", "nan"),
+        ("--concurrency", "0"),
+        ("--connections", "0"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let stderr = refused(&[&target[..], &[arg.as_str()]].concat());
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{stderr}"
+        );
+    }
+}
