@@ -38,7 +38,9 @@ pub struct ConnectionLimits {
     /// Streams (calls) one connection may have open at once (HTTP/2 `MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
     /// Bytes of request headers (gRPC metadata) one call may send; a call over it is refused
-    /// on its own (HTTP 431), its connection stays up.
+    /// on its own (HTTP 431, then REFUSED_STREAM), its connection stays up. At least twice
+    /// HTTP/2's 16 KiB frame: h2 closes the whole connection when a header block goes on for
+    /// a frame more than this after it is already over.
     pub max_header_list_bytes: u32,
     /// Seconds a new connection has to send the HTTP/2 preface before it is closed.
     pub handshake_timeout_secs: u64,
@@ -53,7 +55,7 @@ impl Default for ConnectionLimits {
         Self {
             max_connections: 1024,
             max_concurrent_streams: 256,
-            max_header_list_bytes: 16 << 10,
+            max_header_list_bytes: 32 << 10,
             handshake_timeout_secs: 10,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,

@@ -126,7 +126,7 @@ async fn a_slow_shadow_adds_nothing_to_the_answer_and_reports_agreement() {
     let shadow = "\n[shadow]\nvariant = \"octave\"\nfraction = 1.0\n";
     let text = manifest(1., 0., shadow).replace(
         "routing_weight = 0\n",
-        "routing_weight = 0\nbatching = { max_batch_size = 32, max_queue_delay_us = 400000, max_queue_size = 1024 }\n",
+        "routing_weight = 0\nbatching = { max_batch_size = 32, max_queue_delay_us = 400000, max_queue_size = 1024, dispatch = \"after_delay\" }\n",
     );
     let dir = model_dir(&text.replace("name = \"toy\"", "name = \"shadowed\""));
     let server = TestServer::start(ServeConfig::default(), dir.path()).await;
