@@ -3,21 +3,22 @@
 //! Handlers submit [`Job`]s into a bounded queue (full: refused at once). A batching task takes
 //! the oldest job and hands a batch to the model worker as soon as the worker is idle, with
 //! whatever else is queued by then: a lone request on an idle server never waits for company.
-//! While the worker computes, arriving jobs gather into the next batch (up to
-//! `max_batch_size`), which goes the moment the worker is free. [`Dispatch::AfterDelay`] keeps
-//! the older rule instead: a batch also waits for company up to `max_queue_delay` from when its
-//! oldest job arrived, even with the worker idle. Jobs whose caller gave up or whose deadline
+//! While the worker computes, arriving jobs gather into the next batch, which goes when it is
+//! full, when the worker turns idle, or when its oldest job has waited `max_queue_delay`; then
+//! it waits in a one-batch slot, so the worker starts it the moment it is done with the
+//! current one. [`Dispatch::AfterDelay`] also waits for company with the worker idle (Triton's
+//! rule with a queue delay set). Jobs whose caller gave up or whose deadline
 //! or queue timeout passed are dropped when the batch leaves (answered DEADLINE_EXCEEDED or
 //! RESOURCE_EXHAUSTED, never computed). The queue timeout is Triton's
 //! `default_timeout_microseconds`: under overload it bounds how long an accepted request can
 //! wait, where the queue size alone bounds it only at the capacity the server has when it is
 //! not also busy refusing requests.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::config::{BatchingConfig, Dispatch};
@@ -147,11 +148,12 @@ impl BatchQueue {
     }
 }
 
-/// Creates the hand-off from a variant's batcher to its model worker: one batch at a time,
-/// sent only while the worker is idle.
+/// Creates the hand-off from a variant's batcher to its model worker: a one-batch slot (the
+/// next batch can wait there while the current one computes) and a signal of when the worker
+/// is idle, waiting for a batch.
 pub fn dispatch_channel() -> (BatchSender, BatchReceiver) {
     let (tx, rx) = mpsc::channel(1);
-    let idle = Arc::new(Semaphore::new(0));
+    let idle = Arc::new(WorkerIdle::default());
     (
         BatchSender {
             tx,
@@ -161,30 +163,48 @@ pub fn dispatch_channel() -> (BatchSender, BatchReceiver) {
     )
 }
 
+/// Whether the model worker is waiting for a batch, and a wake-up for the batcher when it
+/// starts to.
+#[derive(Default)]
+struct WorkerIdle {
+    waiting: AtomicBool,
+    changed: Notify,
+}
+
 /// The batcher's end of [`dispatch_channel`].
 pub struct BatchSender {
     tx: mpsc::Sender<Vec<Job>>,
-    /// One permit while the worker waits for a batch.
-    idle: Arc<Semaphore>,
+    idle: Arc<WorkerIdle>,
 }
 
 /// The worker's end of [`dispatch_channel`].
 pub struct BatchReceiver {
     rx: mpsc::Receiver<Vec<Job>>,
-    idle: Arc<Semaphore>,
+    idle: Arc<WorkerIdle>,
 }
 
 impl BatchReceiver {
-    /// Says the worker is idle and waits for its next batch; `None` once the batcher is gone.
+    /// Waits, idle, for the worker's next batch; `None` once the batcher is gone.
     pub fn next_batch(&mut self) -> Option<Vec<Job>> {
-        self.idle.add_permits(1);
-        self.rx.blocking_recv()
+        self.set_waiting(true);
+        let batch = self.rx.blocking_recv();
+        self.set_waiting(false);
+        batch
     }
 
     /// [`Self::next_batch`] for async callers (tests that stand in for a worker).
     pub async fn next_batch_async(&mut self) -> Option<Vec<Job>> {
-        self.idle.add_permits(1);
-        self.rx.recv().await
+        self.set_waiting(true);
+        let batch = self.rx.recv().await;
+        self.set_waiting(false);
+        batch
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        self.idle.waiting.store(waiting, Ordering::Release);
+        if waiting {
+            self.idle.changed.notify_one();
+        }
     }
 }
 
@@ -215,19 +235,21 @@ async fn form_batches(
     batches: BatchSender,
 ) {
     let max = config.max_batch_size.max(1);
+    let when_idle = config.dispatch == Dispatch::WhenIdle;
     while let Some(first) = rx.recv().await {
-        let company_until = match config.dispatch {
-            Dispatch::WhenIdle => None,
-            Dispatch::AfterDelay => Some(first.enqueued + config.max_queue_delay()),
-        };
+        let flush_at = first.enqueued + config.max_queue_delay();
         let mut batch = vec![first];
-        let open = gather(&mut rx, &mut batch, max, company_until, &batches.idle).await;
-        // The worker is idle now and its permit taken: this batch is its next.
+        let open = gather(
+            &mut rx,
+            &mut batch,
+            max,
+            flush_at,
+            when_idle.then_some(&*batches.idle),
+        )
+        .await;
         depth.fetch_sub(batch.len(), Ordering::AcqRel);
         let batch = drop_expired(batch);
-        if batch.is_empty() {
-            batches.idle.add_permits(1);
-        } else if batches.tx.send(batch).await.is_err() {
+        if !batch.is_empty() && batches.tx.send(batch).await.is_err() {
             return;
         }
         if !open {
@@ -236,41 +258,47 @@ async fn form_batches(
     }
 }
 
-/// Adds queued jobs to `batch` until it is full or the worker is idle (and, before
-/// `company_until`, until then as well), then takes the worker's idle permit. Returns whether
-/// the queue is still open.
+/// Adds queued jobs to `batch` until it is full, `flush_at` passes, or (with `idle`) the
+/// worker is waiting for a batch. Returns whether the queue is still open.
 async fn gather(
     rx: &mut mpsc::Receiver<Job>,
     batch: &mut Vec<Job>,
     max: usize,
-    company_until: Option<Instant>,
-    idle: &Semaphore,
+    flush_at: Instant,
+    idle: Option<&WorkerIdle>,
 ) -> bool {
-    let mut waiting_for_company = company_until.is_some();
-    let company_until = company_until.unwrap_or_else(Instant::now);
-    let mut open = true;
-    while open && batch.len() < max {
+    loop {
+        // Jobs already queued join first, so an idle worker gets them all at once.
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        let worker_waiting = idle.is_some_and(|i| i.waiting.load(Ordering::Acquire));
+        if batch.len() >= max || worker_waiting {
+            return true;
+        }
+        let worker_idles = async {
+            match idle {
+                Some(idle) => idle.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            // Jobs already queued join first, so an idle worker gets them all at once.
             biased;
             job = rx.recv() => match job {
                 Some(job) => batch.push(job),
-                None => open = false,
+                None => return false,
             },
-            permit = idle.acquire(), if !waiting_for_company => {
-                permit.expect("the semaphore is never closed").forget();
-                return true;
-            }
-            _ = tokio::time::sleep_until(company_until), if waiting_for_company => {
-                waiting_for_company = false;
-            }
+            // Woken when the worker starts waiting: the loop sees it and dispatches.
+            () = worker_idles => {}
+            // The worker stayed busy (or the policy waits for company): the batch goes to the
+            // slot and waits there for the worker.
+            _ = tokio::time::sleep_until(flush_at) => return true,
         }
     }
-    idle.acquire()
-        .await
-        .expect("the semaphore is never closed")
-        .forget();
-    open
 }
 
 /// Keeps the jobs still worth computing: answers expired ones, forgets abandoned ones.

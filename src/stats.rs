@@ -5,8 +5,8 @@ use std::sync::Mutex;
 
 /// Recent request latencies kept for percentiles.
 const LATENCY_WINDOW: usize = 2048;
-/// Weight of the newest batch in the rolling per-image compute time.
-const EWMA_WEIGHT: f64 = 0.1;
+/// Batches of one size whose per-image compute time the rolling median is taken over.
+const TIME_WINDOW: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct LiveStats {
@@ -99,8 +99,34 @@ impl LiveStats {
 pub struct PerImage {
     /// The latest batch's peak bytes over its size.
     pub bytes: f64,
-    /// Compute seconds over the batch size, exponentially weighted over batches.
+    /// Compute seconds over the batch size: the median of the recent batches of this size, so
+    /// that one batch slowed down by something else on the machine does not sway it.
     pub seconds: f64,
+}
+
+/// The recent batches of one size.
+#[derive(Debug, Default, Clone)]
+struct SizeCosts {
+    /// The latest batch's peak bytes over its size.
+    bytes: f64,
+    /// Per-image compute seconds of the last [`TIME_WINDOW`] batches.
+    seconds: VecDeque<f64>,
+}
+
+impl SizeCosts {
+    fn per_image(&self) -> PerImage {
+        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let seconds = match sorted.len() {
+            0 => 0.,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.,
+        };
+        PerImage {
+            bytes: self.bytes,
+            seconds,
+        }
+    }
 }
 
 /// A variant's per-image costs by batch size.
@@ -112,18 +138,16 @@ pub struct PerImage {
 #[derive(Debug, Default, Clone)]
 pub struct CostsBySize {
     latest_size: usize,
-    by_size: BTreeMap<usize, PerImage>,
+    by_size: BTreeMap<usize, SizeCosts>,
 }
 
 impl CostsBySize {
     fn record(&mut self, size: usize, seconds: f64, peak_bytes: usize) {
-        let per_image = seconds / size as f64;
         let cost = self.by_size.entry(size).or_default();
-        cost.seconds = if cost.seconds == 0. {
-            per_image
-        } else {
-            (1. - EWMA_WEIGHT) * cost.seconds + EWMA_WEIGHT * per_image
-        };
+        if cost.seconds.len() == TIME_WINDOW {
+            cost.seconds.pop_front();
+        }
+        cost.seconds.push_back(seconds / size as f64);
         cost.bytes = peak_bytes as f64 / size as f64;
         self.latest_size = size;
     }
@@ -132,7 +156,7 @@ impl CostsBySize {
     pub fn latest(&self) -> PerImage {
         self.by_size
             .get(&self.latest_size)
-            .copied()
+            .map(SizeCosts::per_image)
             .unwrap_or_default()
     }
 
@@ -143,7 +167,10 @@ impl CostsBySize {
         let Some(size) = sizes.find(|size| baseline.by_size.contains_key(size)) else {
             return (0., 0.);
         };
-        let (ours, theirs) = (self.by_size[size], baseline.by_size[size]);
+        let (ours, theirs) = (
+            self.by_size[size].per_image(),
+            baseline.by_size[size].per_image(),
+        );
         (
             savings(ours.bytes, theirs.bytes),
             savings(ours.seconds, theirs.seconds),
@@ -205,10 +232,18 @@ mod tests {
     }
 
     #[test]
-    fn time_is_weighted_over_batches_of_a_size_and_memory_is_the_latest() {
-        let c = costs(&[(2, 0.020, 2000), (2, 0.040, 1000)]);
-        let expected = (1. - EWMA_WEIGHT) * 0.010 + EWMA_WEIGHT * 0.020;
-        assert!((c.latest().seconds - expected).abs() < 1e-15);
+    fn time_is_the_median_of_recent_batches_of_a_size_and_memory_is_the_latest() {
+        // One batch slowed down 50x by something else on the machine does not move it.
+        let c = costs(&[(2, 0.020, 2000), (2, 1.0, 1000), (2, 0.022, 1000)]);
+        assert!(
+            (c.latest().seconds - 0.011).abs() < 1e-15,
+            "{:?}",
+            c.latest()
+        );
         assert_eq!(c.latest().bytes, 500.);
+        // Only the last TIME_WINDOW batches count.
+        let mut batches = vec![(1, 5.0, 10); TIME_WINDOW];
+        batches.extend(vec![(1, 0.001, 10); TIME_WINDOW / 2 + 1]);
+        assert_eq!(costs(&batches).latest().seconds, 0.001);
     }
 }

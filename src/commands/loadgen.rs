@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 
 use octserve::pb::classifier_client::ClassifierClient;
-use octserve::pb::ClassifyRequest;
+use octserve::pb::{ClassifyRequest, Timing};
 
 use super::bench::percentile;
 use super::{at_least_one, number_in, print_json, TargetArgs};
@@ -78,8 +78,21 @@ struct LoadReport {
     ok_p99_ms: f64,
     /// Mean `Timing.batch_size` the server reported for successful requests.
     mean_batch_size: f64,
+    /// Medians of the server's `Timing` over successful requests: where a request's time went.
+    server_ms: ServerTiming,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     windows: Vec<Window>,
+}
+
+/// Median milliseconds of each `Timing` field; `overhead` is the server's total less decode,
+/// queue and compute (reading the request, thread hand-offs, writing the reply).
+#[derive(Serialize, Default)]
+struct ServerTiming {
+    decode: f64,
+    queue: f64,
+    compute: f64,
+    total: f64,
+    overhead: f64,
 }
 
 #[derive(Serialize)]
@@ -96,8 +109,8 @@ struct Sample {
     /// Seconds from the start of the run to when it was sent.
     sent_s: f64,
     latency_ms: f64,
-    /// The server's batch size, or the error code.
-    outcome: Result<u32, tonic::Code>,
+    /// The server's timing of the request, or the error code.
+    outcome: Result<Timing, tonic::Code>,
 }
 
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
@@ -182,7 +195,7 @@ impl Sender {
             sent_s: sent.duration_since(self.started).as_secs_f64(),
             latency_ms: sent.elapsed().as_secs_f64() * 1e3,
             outcome: match outcome {
-                Ok(reply) => Ok(reply.into_inner().timing.map_or(0, |t| t.batch_size)),
+                Ok(reply) => Ok(reply.into_inner().timing.unwrap_or_default()),
                 Err(status) => Err(status.code()),
             },
         }
@@ -207,10 +220,8 @@ fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Res
     }
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.outcome.is_ok()).collect();
     let [p50_ms, p90_ms, p99_ms] = percentiles(samples.iter().map(|s| s.latency_ms).collect());
-    let batch_sum: f64 = ok
-        .iter()
-        .map(|s| f64::from(*s.outcome.as_ref().unwrap()))
-        .sum();
+    let timings: Vec<&Timing> = ok.iter().filter_map(|s| s.outcome.as_ref().ok()).collect();
+    let batch_sum: f64 = timings.iter().map(|t| f64::from(t.batch_size)).sum();
     let report = LoadReport {
         requests: samples.len(),
         errors: samples.len() - ok.len(),
@@ -223,6 +234,7 @@ fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Res
         p99_ms,
         ok_p99_ms: percentiles(ok.iter().map(|s| s.latency_ms).collect())[2],
         mean_batch_size: batch_sum / ok.len().max(1) as f64,
+        server_ms: server_timing(&timings),
         windows: windows(&samples, args.window_secs),
     };
     if args.json {
@@ -233,6 +245,11 @@ fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Res
         report.requests, report.errors, report.seconds, report.rps, report.p50_ms, report.p90_ms,
         report.p99_ms, report.mean_batch_size
     );
+    let t = &report.server_ms;
+    println!(
+        "  server medians: decode {:.3} ms, queue {:.3} ms, compute {:.3} ms, total {:.3} ms (overhead {:.3} ms)",
+        t.decode, t.queue, t.compute, t.total, t.overhead
+    );
     for w in &report.windows {
         println!(
             "  from {:>6.1} s: {} requests ({} errors), p50 {:.2} ms, p99 {:.2} ms",
@@ -240,6 +257,22 @@ fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+fn server_timing(timings: &[&Timing]) -> ServerTiming {
+    let median = |field: fn(&Timing) -> f64| {
+        percentiles(timings.iter().map(|t| field(t) / 1e3).collect())[0]
+    };
+    ServerTiming {
+        decode: median(|t| t.decode_us as f64),
+        queue: median(|t| t.queue_us as f64),
+        compute: median(|t| t.compute_us as f64),
+        total: median(|t| t.total_us as f64),
+        overhead: median(|t| {
+            t.total_us
+                .saturating_sub(t.decode_us + t.queue_us + t.compute_us) as f64
+        }),
+    }
 }
 
 /// The samples grouped by when they were sent, `width` seconds per window.
