@@ -387,6 +387,13 @@ routing_weight = 1
             &with("recipe = \"SGD\"", "recipie = \"SGD\""),
             "unknown field `recipie`",
         );
+        assert_refused(
+            &with("std = [0.25]", "std = [0.25]\nstdev = [0.25]"),
+            "unknown field `stdev`",
+        );
+        let connections = toml::from_str::<ServeConfig>("[connections]\nmax_connection = 5\n");
+        let error = connections.unwrap_err().to_string();
+        assert!(error.contains("unknown field `max_connection`"), "{error}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use jpeg_decoder::{CodingProcess, PixelFormat};
 
 /// What a model expects: channels, size and per-channel normalisation.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct InputSpec {
     /// 1 (grayscale) or 3 (RGB).
     pub channels: usize,
