@@ -231,7 +231,9 @@ fn decode_memory_stays_bounded_under_concurrent_bombs() {
 
         let channel = server.channel().await;
         let mut calls = tokio::task::JoinSet::new();
-        for _ in 0..24 {
+        // BOMBS_GRAY=64 gives the figure in BENCHMARKS.md; CI runs the default.
+        let gray_bombs = env_count("BOMBS_GRAY", 24);
+        for _ in 0..gray_bombs {
             let mut client = classifier(channel.clone());
             let request = classify_request(gray.clone());
             calls.spawn(async move { ("gray", client.classify(request).await.map(drop)) });
@@ -624,6 +626,14 @@ fn small_png() -> Vec<u8> {
 }
 
 /// PNG colour types.
+/// A count from the environment, or `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 const GRAY: u8 = 0;
 const RGBA: u8 = 6;
 
