@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the fuzz seed corpus from the shipped sample images (needs pillow and tritonclient).
+"""Writes the fuzz seed corpus from the shipped sample images (needs pillow and tritonclient),
+and the headers target's seeds (its first line is the API key, each further line a header).
 
     python3 tools/fuzz/make_corpus.py
 """
@@ -34,6 +35,20 @@ def classify_request(png):
     return field(1, b"fashion-mnist") + field(3, png)
 
 
+# headers: line 1 the configured API key (empty: no key, every request passes), then one header a line.
+HEADERS = {
+    "timeout_valid": b"k\ngrpc-timeout: 100m\nauthorization: Bearer k\n",
+    "timeout_units": b"k\ngrpc-timeout: 99999999H\ngrpc-timeout: 5S\ngrpc-timeout: 1n\n",
+    "timeout_overflow": b"\ngrpc-timeout: 18446744073709551615H\n",
+    "timeout_bad": b"\ngrpc-timeout: -1S\ngrpc-timeout: 1.5S\ngrpc-timeout: 123456789S\n",
+    "bearer_right": b"k\nauthorization: Bearer k\n",
+    "bearer_wrong": b"s3cret-key\nauthorization: Bearer s3cret-kez\nx-api-key: s3cret-keys3cret-key\n",
+    "api_key_right": b"s3cret-key\nx-api-key: s3cret-key\ncontent-type: application/grpc\n",
+    "api_key_after_bad_bearer": b"k\nauthorization: Basic k\nx-api-key: k\nAuthorization: Bearer k\n",
+    "no_key": b"\nauthorization: Bearer k\nx-api-key: \xff\n",
+}
+
+
 def main():
     pngs = sorted(SAMPLES.glob("*.png"))[:4]
     image = Image.open(pngs[0])
@@ -59,6 +74,9 @@ def main():
     for name, message in [("fp32_raw", fp32), ("fp32_typed", typed), ("bytes_raw", images)]:
         (CORPUS / "requests" / name).write_bytes(message.SerializeToString())
     (CORPUS / "requests" / "classify").write_bytes(classify_request(pngs[0].read_bytes()))
+    (CORPUS / "headers").mkdir(parents=True, exist_ok=True)
+    for name, data in HEADERS.items():
+        (CORPUS / "headers" / name).write_bytes(data)
     print(f"wrote {len(list(CORPUS.rglob('*')))} corpus entries under {CORPUS.relative_to(ROOT)}")
 
 
