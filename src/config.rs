@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::model::{Arch, ModelConfig};
 use crate::preprocess::{ImageLimits, InputSpec};
+use crate::repository::{ModelControl, Repository};
 use crate::security::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,10 @@ pub struct ServeConfig {
     pub tls: Option<TlsConfig>,
     /// Connection limits of the gRPC port.
     pub connections: crate::connections::ConnectionLimits,
+    /// Who may change the served models while the server runs: `none`, `explicit` or `poll`.
+    pub model_control: ModelControl,
+    /// With `model_control = "poll"`: seconds between two reads of the repository (default 15).
+    pub repository_poll_secs: Option<u64>,
 }
 
 impl ServeConfig {
@@ -102,25 +107,24 @@ impl ServeConfig {
         let dir = path.parent().unwrap_or(Path::new("."));
         config.models = config.models.iter().map(|m| dir.join(m)).collect();
         config.tls = config.tls.map(|tls| tls.relative_to(dir));
+        if config.repository_poll_secs == Some(0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "repository_poll_secs must be at least 1".into(),
+            });
+        }
         Ok(config)
     }
 
-    /// The manifests to serve: the configured ones, or all under `models_dir`.
-    pub fn manifest_paths(&self, models_dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-        if !self.models.is_empty() {
-            return Ok(self.models.clone());
-        }
-        let read_err = |source| ConfigError::Read {
-            path: models_dir.to_path_buf(),
-            source,
-        };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(models_dir)
-            .map_err(read_err)?
-            .filter_map(|entry| Some(entry.ok()?.path().join("manifest.toml")))
-            .filter(|p| p.is_file())
-            .collect();
-        paths.sort();
-        Ok(paths)
+    /// Seconds between two reads of the repository with `model_control = "poll"`.
+    pub fn repository_poll_secs(&self) -> u64 {
+        self.repository_poll_secs.unwrap_or(15).max(1)
+    }
+
+    /// Where the served models' manifests are: the configured ones, or every
+    /// `manifest.toml` one level under `models_dir`.
+    pub fn repository(&self, models_dir: &Path) -> Repository {
+        Repository::new(self.models.clone(), models_dir.to_path_buf())
     }
 }
 

@@ -32,6 +32,20 @@ pub enum ServeError {
     Budget(#[from] crate::budget::BudgetError),
     #[error("the deadline passed before the request was computed")]
     DeadlineExceeded,
+    #[error(
+        "model control is '{}': the server does not load or unload models on request; \
+         start it with --model-control explicit",
+        .0
+    )]
+    ModelControl(crate::repository::ModelControl),
+    #[error(
+        "model '{}' was not loaded, and is served as it was (if it was): {reason}",
+        clip(model)
+    )]
+    ModelLoad { model: String, reason: String },
+    /// A server fault; the cause goes to the log, the client gets a fixed message.
+    #[error("internal error; see the server log")]
+    Internal(String),
 }
 
 impl ServeError {
@@ -47,6 +61,8 @@ impl ServeError {
                 crate::budget::BudgetError::DeadlineExceeded => Code::DeadlineExceeded,
             },
             Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::ModelControl(_) | Self::ModelLoad { .. } => Code::FailedPrecondition,
+            Self::Internal(_) => Code::Internal,
             Self::Infer(e) => match e {
                 InferError::QueueFull { .. } | InferError::QueueTimeout { .. } => {
                     Code::ResourceExhausted
@@ -61,6 +77,9 @@ impl ServeError {
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
+        if let ServeError::Internal(cause) = &e {
+            tracing::error!(%cause, "internal error");
+        }
         Status::new(e.code(), e.to_string())
     }
 }

@@ -16,11 +16,13 @@ pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod registry;
+pub mod repository;
 pub mod router;
 pub mod security;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod variant;
 pub mod worker;
 
 /// Code generated from `proto/` (see build.rs).

@@ -4,7 +4,8 @@
 //! shares it and `/metrics` renders it. Each variant's series are created with zero values when
 //! it loads, so a scrape shows them before the first request.
 
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock};
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
@@ -139,18 +140,19 @@ impl VariantLabels {
     }
 
     /// Creates the variant's series with their static values.
-    pub fn register(&self, macs: usize, params: usize, compute_savings: f64) {
+    /// Sets a newly built variant's constant gauges and makes its series exist from the start
+    /// (counters keep their totals if a variant of this name was served before).
+    pub fn register(&self, macs: usize, params: usize) {
         let l = self.pairs();
         gauge!(MODEL_MACS, &l).set(macs as f64);
         gauge!(MODEL_PARAMS, &l).set(params as f64);
-        gauge!(COMPUTE_SAVINGS, &l).set(compute_savings);
         gauge!(QUEUE_DEPTH, &l).set(0.);
         gauge!(ACTIVATION_BYTES, &l).set(0.);
         gauge!(MEMORY_SAVINGS, &l).set(0.);
         gauge!(LATENCY_SAVINGS, &l).set(0.);
-        counter!(REQUESTS, &self.with("code", "OK")).absolute(0);
+        counter!(REQUESTS, &self.with("code", "OK")).increment(0);
         for agree in ["true", "false"] {
-            counter!(SHADOW_AGREEMENT, &self.with("agree", agree)).absolute(0);
+            counter!(SHADOW_AGREEMENT, &self.with("agree", agree)).increment(0);
         }
         // Registered now so that the first scrape shows them, empty.
         for name in [
@@ -201,6 +203,10 @@ impl VariantLabels {
         gauge!(QUEUE_DEPTH, &self.pairs()).set(depth as f64);
     }
 
+    pub fn compute_savings(&self, ratio: f64) {
+        gauge!(COMPUTE_SAVINGS, &self.pairs()).set(ratio);
+    }
+
     pub fn savings(&self, memory: f64, latency: f64) {
         let l = self.pairs();
         gauge!(MEMORY_SAVINGS, &l).set(memory);
@@ -229,5 +235,97 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Variants no longer served, as (model, variant). The exporter keeps every series it has seen
+/// and cannot forget one, so [`render`] leaves these out instead.
+static RETIRED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+
+/// Hides a variant's series from now on: it is no longer served.
+pub fn retire(labels: &VariantLabels) {
+    let key = (labels.model.clone(), labels.variant.clone());
+    RETIRED.lock().unwrap().insert(key);
+}
+
+/// Shows a variant's series again: a variant of that name is served (again).
+pub fn unretire(labels: &VariantLabels) {
+    let key = (labels.model.clone(), labels.variant.clone());
+    RETIRED.lock().unwrap().remove(&key);
+}
+
+/// The exposition text, without the series of retired variants.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let text = handle.render();
+    let retired = RETIRED.lock().unwrap();
+    if retired.is_empty() {
+        return text;
+    }
+    // Every variant series starts with these two labels, in this order (see `VariantLabels`).
+    let prefixes: Vec<String> = retired
+        .iter()
+        .map(|(model, variant)| {
+            format!(
+                "{{model=\"{}\",variant=\"{}\"",
+                escape(model),
+                escape(variant)
+            )
+        })
+        .collect();
+    let is_retired = |line: &str| {
+        prefixes.iter().any(|prefix| {
+            line.find(prefix.as_str()).is_some_and(|at| {
+                matches!(line.as_bytes().get(at + prefix.len()), Some(b',' | b'}'))
+            })
+        })
+    };
+    let mut kept = String::with_capacity(text.len());
+    for line in text.lines().filter(|line| !is_retired(line)) {
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    kept
+}
+
+/// A label value as the exposition format writes it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retired_variants_leave_the_exposition_and_come_back_when_served_again() {
+        let handle = handle();
+        let gone = VariantLabels {
+            model: "retire-test".into(),
+            variant: "a".into(),
+        };
+        let kept = VariantLabels {
+            model: "retire-test".into(),
+            variant: "ab".into(),
+        };
+        gone.register(10, 1);
+        kept.register(20, 2);
+        let shown = |text: &str, v: &VariantLabels| {
+            text.contains(&format!("model=\"{}\",variant=\"{}\"", v.model, v.variant))
+        };
+        let text = render(&handle);
+        assert!(shown(&text, &gone) && shown(&text, &kept));
+        retire(&gone);
+        let text = render(&handle);
+        assert!(!shown(&text, &gone), "{text}");
+        assert!(
+            shown(&text, &kept),
+            "a variant whose name extends a retired one stays"
+        );
+        assert!(text.contains("# TYPE octserve_requests_total counter"));
+        unretire(&gone);
+        assert!(shown(&render(&handle), &gone));
     }
 }

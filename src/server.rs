@@ -15,7 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::config::{Manifest, ServeConfig};
+use crate::config::ServeConfig;
 use crate::connections::accept;
 use crate::deadline::StampDeadlineLayer;
 use crate::kserve::InferenceService;
@@ -23,6 +23,7 @@ use crate::pb;
 use crate::pb::classifier_server::ClassifierServer;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
+use crate::repository::ModelControl;
 use crate::security::{ApiKey, RequireApiKey, TlsConfig};
 use crate::service::{ClassifierService, ServingState};
 use crate::worker::WorkerHealth;
@@ -78,7 +79,7 @@ pub async fn run(
             "/metrics",
             axum::routing::get(move || {
                 state.publish_queue_depths();
-                let text = prometheus.render();
+                let text = crate::metrics::render(&prometheus);
                 async move { text }
             }),
         );
@@ -105,14 +106,18 @@ pub async fn run(
         let options = options.clone();
         let set_health = set_health.clone();
         tokio::spawn(async move {
-            let workers = state.workers.clone();
-            let (registry, manifests) =
-                tokio::task::spawn_blocking(move || load_registry(&options, &workers)).await??;
-            state.set_registry(registry);
+            let registry = Arc::new(new_registry(&options, state.workers.clone()));
+            let loading = registry.clone();
+            tokio::task::spawn_blocking(move || loading.load_all()).await??;
+            state.set_registry(registry.clone());
             set_health(ServingStatus::Serving).await;
-            tracing::info!("models loaded; serving");
-            tokio::spawn(follow_workers(state.clone(), set_health));
-            tokio::spawn(reload_on_hangup(state, manifests, hangups));
+            tracing::info!(model_control = %registry.control, "models loaded; serving");
+            tokio::spawn(follow_workers(state, set_health));
+            if registry.control == ModelControl::Poll {
+                let every = Duration::from_secs(options.config.repository_poll_secs());
+                tokio::spawn(poll_repository(registry.clone(), every));
+            }
+            tokio::spawn(reload_on_hangup(registry, hangups));
             anyhow::Ok(())
         })
     };
@@ -204,22 +209,44 @@ fn hangup_signals() -> Hangups {
     }
 }
 
-/// Re-reads the manifests' routing weights and shadow settings on every SIGHUP.
-async fn reload_on_hangup(state: Arc<ServingState>, manifests: Vec<PathBuf>, hangups: Hangups) {
+/// Makes the served models match the repository on every SIGHUP.
+async fn reload_on_hangup(registry: Arc<Registry>, hangups: Hangups) {
     #[cfg(unix)]
     {
         let Some(mut hangups) = hangups else {
             return;
         };
         while hangups.recv().await.is_some() {
-            match state.reload_routing(&manifests) {
-                Ok(models) => tracing::info!(?models, "routing reloaded"),
-                Err(e) => tracing::error!(error = %e, "reload failed; keeping the old routing"),
-            }
+            sync_repository(&registry).await;
         }
     }
     #[cfg(not(unix))]
-    let _ = (state, manifests, hangups);
+    let _ = (registry, hangups);
+}
+
+/// Makes the served models match the repository every `every` (`--model-control poll`).
+async fn poll_repository(registry: Arc<Registry>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is now: the models were just loaded
+    loop {
+        ticks.tick().await;
+        sync_repository(&registry).await;
+    }
+}
+
+async fn sync_repository(registry: &Arc<Registry>) {
+    let registry = registry.clone();
+    match tokio::task::spawn_blocking(move || registry.sync()).await {
+        Ok(Ok(changes)) => {
+            tracing::info!(models_changed = changes.len(), "repository re-read");
+            for (model, change) in changes {
+                tracing::info!(%model, ?change, "model reloaded from the repository");
+            }
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "reading the repository failed; nothing changed"),
+        Err(e) => tracing::error!(error = %e, "repository reload task failed"),
+    }
 }
 
 /// Keeps health NOT_SERVING while a model worker is down (and once draining starts).
@@ -239,25 +266,13 @@ where
     }
 }
 
-fn load_registry(
-    options: &ServeOptions,
-    workers: &WorkerHealth,
-) -> anyhow::Result<(Registry, Vec<PathBuf>)> {
-    let paths = options.config.manifest_paths(&options.models_dir)?;
-    anyhow::ensure!(
-        !paths.is_empty(),
-        "no models to serve: no manifest in the config and none under {}",
-        options.models_dir.display()
-    );
-    let manifests = paths
-        .iter()
-        .map(|p| Manifest::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let registry = Registry::load(
-        &manifests,
-        options.config.batching,
-        &options.device,
+fn new_registry(options: &ServeOptions, workers: WorkerHealth) -> Registry {
+    let config = &options.config;
+    Registry::new(
+        config.repository(&options.models_dir),
+        config.model_control,
+        config.batching,
+        options.device.clone(),
         workers,
-    )?;
-    Ok((registry, paths))
+    )
 }

@@ -21,8 +21,9 @@ use crate::deadline::deadline;
 use crate::error::ServeError;
 use crate::pb;
 use crate::preprocess::{decode_header, read_header, ImageLimits};
-use crate::registry::{Registry, ServedModel, Variant};
+use crate::registry::{Change, IndexEntry, ModelState, Registry, ServedModel};
 use crate::stats::savings;
+use crate::variant::Variant;
 use crate::worker::WorkerHealth;
 
 /// Requests answered concurrently per `ClassifyStream` call.
@@ -38,7 +39,7 @@ const RELEASE_AFTER_BYTES: u64 = 8 << 20;
 
 /// What every RPC handler shares: the models (once loaded), limits and the drain state.
 pub struct ServingState {
-    registry: OnceLock<Registry>,
+    registry: OnceLock<Arc<Registry>>,
     pub limits: ImageLimits,
     budget: DecodeBudget,
     draining: AtomicBool,
@@ -87,21 +88,43 @@ impl ServingState {
         }
     }
 
-    pub fn set_registry(&self, registry: Registry) {
+    pub fn set_registry(&self, registry: Arc<Registry>) {
         let _ = self.registry.set(registry);
     }
 
-    /// Re-reads `manifests` and applies their routing weights and shadow settings.
-    pub fn reload_routing(&self, manifests: &[std::path::PathBuf]) -> anyhow::Result<Vec<String>> {
-        let manifests = manifests
-            .iter()
-            .map(|p| crate::config::Manifest::load(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.registry()?.reload_routing(&manifests))
+    pub fn registry(&self) -> Result<&Arc<Registry>, ServeError> {
+        self.registry.get().ok_or(ServeError::Loading)
     }
 
-    pub fn registry(&self) -> Result<&Registry, ServeError> {
-        self.registry.get().ok_or(ServeError::Loading)
+    /// Loads (or reloads) the model called `name` from the repository, on the blocking pool.
+    pub async fn load_model(&self, name: &str) -> Result<Change, ServeError> {
+        let registry = self.registry()?.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || registry.load(&name))
+            .await
+            .map_err(|e| ServeError::Internal(format!("model load task: {e}")))?
+    }
+
+    /// Unloads the model called `name` (waiting, off the runtime, for a change in progress).
+    pub async fn unload_model(&self, name: &str) -> Result<(), ServeError> {
+        let registry = self.registry()?.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || registry.unload_by_client(&name))
+            .await
+            .map_err(|e| ServeError::Internal(format!("model unload task: {e}")))?
+    }
+
+    /// The repository index (see [`Registry::index`]), only READY entries when `ready`.
+    pub async fn repository_index(&self, ready: bool) -> Result<Vec<IndexEntry>, ServeError> {
+        let registry = self.registry()?.clone();
+        let mut index = tokio::task::spawn_blocking(move || registry.index())
+            .await
+            .map_err(|e| ServeError::Internal(format!("repository index task: {e}")))?
+            .map_err(|e| ServeError::Internal(format!("reading the repository: {e}")))?;
+        if ready {
+            index.retain(|e| e.state == ModelState::Ready);
+        }
+        Ok(index)
     }
 
     /// Admits a request unless the server is draining.
@@ -126,8 +149,10 @@ impl ServingState {
         let Some(registry) = self.registry.get() else {
             return;
         };
-        for variant in registry.models().flat_map(|m| m.variants.iter()) {
-            variant.labels.queue_depth(variant.queue.depth());
+        for model in registry.models() {
+            for variant in &model.variants {
+                variant.labels.queue_depth(variant.queue.depth());
+            }
         }
     }
 
@@ -238,15 +263,15 @@ impl ServingState {
         let record = RequestRecord::new(variant, started);
         let result = async {
             variant.queue.ensure_room(1)?;
-            let decoded = self.decode(model, request.image, deadline).await?;
+            let decoded = self.decode(&model, request.image, deadline).await?;
             variant.labels.decoded(decoded.time.as_secs_f64());
-            let prediction = self.infer(model, variant, decoded.input, deadline).await?;
+            let prediction = self.infer(&model, variant, decoded.input, deadline).await?;
             Ok((prediction, decoded.time))
         }
         .await;
         let (prediction, decode_time) = record.finish(result)?;
         Ok(response(
-            model,
+            &model,
             variant,
             &prediction,
             request.top_k,
@@ -458,7 +483,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let registry = self.state.registry()?;
-        let models = registry.models().map(|m| model_info(m)).collect();
+        let models = registry.models().iter().map(|m| model_info(m)).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }
@@ -499,7 +524,7 @@ fn failed_item(error: &ServeError) -> pb::ClassifyResponse {
 fn model_info(model: &ServedModel) -> pb::ModelInfo {
     let baseline = model.baseline();
     let base_costs = baseline.stats.costs();
-    let routing = model.routing();
+    let routing = &model.routing;
     let variants = model
         .variants
         .iter()

@@ -164,7 +164,7 @@ fn an_early_sighup_does_not_kill_the_server() {
 
         server.signal(libc::SIGHUP);
         let reloaded = wait_for(Duration::from_secs(5), || {
-            server.stderr().contains("routing reloaded")
+            server.stderr().contains("repository re-read")
         })
         .await;
         assert!(

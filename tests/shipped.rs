@@ -12,7 +12,7 @@ use octserve::config::{Manifest, ServeConfig};
 use octserve::dataset::load_test_set;
 use octserve::evaluate::evaluate;
 use octserve::pb::ClassifyRequest;
-use octserve::registry::build_variant;
+use octserve::variant::build_variant;
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
 

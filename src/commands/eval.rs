@@ -11,7 +11,7 @@ use serde::Serialize;
 use octserve::config::{Manifest, ServeConfig};
 use octserve::dataset::load_test_set;
 use octserve::evaluate::evaluate;
-use octserve::registry::build_variant;
+use octserve::variant::build_variant;
 
 use super::print_json;
 
@@ -90,7 +90,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 fn find_manifest(args: &EvalArgs) -> anyhow::Result<Manifest> {
-    for path in ServeConfig::default().manifest_paths(&args.models_dir)? {
+    for path in ServeConfig::default()
+        .repository(&args.models_dir)
+        .paths()?
+    {
         let manifest = Manifest::load(&path)?;
         if manifest.name == args.model {
             return Ok(manifest);

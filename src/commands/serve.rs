@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use octserve::config::ServeConfig;
 use octserve::device::parse_device;
+use octserve::repository::ModelControl;
 use octserve::security::{ApiKey, TlsConfig};
 use octserve::server::{run as serve, ServeOptions};
 
@@ -40,6 +41,14 @@ pub struct ServeArgs {
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "OCTSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Who may change the served models while the server runs: `none` (SIGHUP only),
+    /// `explicit` (also the repository load/unload calls) or `poll` (the server re-reads the
+    /// repository itself). Overrides the config.
+    #[arg(long, env = "OCTSERVE_MODEL_CONTROL", value_enum)]
+    pub model_control: Option<ModelControl>,
+    /// With `--model-control poll`: seconds between two reads of the repository (default 15).
+    #[arg(long, env = "OCTSERVE_REPOSITORY_POLL_SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub repository_poll_secs: Option<u64>,
     /// Require this key (`authorization: Bearer <key>`) on every RPC except health.
     /// Prefer the environment variable: a flag shows in the process list.
     #[arg(long, env = "OCTSERVE_API_KEY", hide_env_values = true)]
@@ -47,10 +56,18 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => ServeConfig::load(path)?,
         None => ServeConfig::default(),
     };
+    config.model_control = args.model_control.unwrap_or(config.model_control);
+    config.repository_poll_secs = args.repository_poll_secs.or(config.repository_poll_secs);
+    if config.model_control == ModelControl::Explicit && args.api_key.is_none() {
+        tracing::warn!(
+            "--model-control explicit without an API key: anyone who reaches the port can load \
+             and unload models"
+        );
+    }
     let grace = args.grace_period.or(config.grace_period_secs).unwrap_or(30);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsConfig {

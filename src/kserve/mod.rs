@@ -6,6 +6,7 @@
 //! and the response's `model_version` says which answered). A request of N images is split into
 //! N batcher jobs, all on one variant, and reassembled in order.
 
+mod repository;
 pub mod tensor;
 
 use std::sync::Arc;
@@ -130,6 +131,42 @@ impl GrpcInferenceService for InferenceService {
         .instrument(span)
         .await
     }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        repository::check_repository_name(&request.repository_name)?;
+        let index = self.state.repository_index(request.ready).await?;
+        let models = index.into_iter().map(repository::model_index).collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        let _in_flight = self.state.admit()?;
+        let request = request.into_inner();
+        repository::check_repository_name(&request.repository_name)?;
+        repository::check_load_parameters(&request.parameters)?;
+        let change = self.state.load_model(&request.model_name).await?;
+        tracing::info!(model = %request.model_name, ?change, "model loaded on request");
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let _in_flight = self.state.admit()?;
+        let request = request.into_inner();
+        repository::check_repository_name(&request.repository_name)?;
+        self.state.unload_model(&request.model_name).await?;
+        tracing::info!(model = %request.model_name, "model unloaded on request");
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
 }
 
 /// The whole `ModelInfer` path for one request, with its metrics.
@@ -148,7 +185,8 @@ async fn infer(
         outputs,
         raw_input_contents,
     } = request;
-    let model = state.registry()?.model(&model_name)?;
+    let served = state.registry()?.model(&model_name)?;
+    let model = &*served;
     let routing_key = match parameters
         .get(ROUTING_KEY)
         .and_then(|p| p.parameter_choice.as_ref())
