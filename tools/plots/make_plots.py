@@ -36,7 +36,7 @@ def source_line(doc, extra=""):
 
 def save(fig, path):
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, format="svg", metadata={"Date": None})
+    fig.savefig(path, format="svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     print(f"wrote {path.relative_to(ROOT)}")
 
