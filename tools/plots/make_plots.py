@@ -31,7 +31,8 @@ plt.rcParams.update({"svg.hashsalt": "octserve", "font.size": 9, "axes.spines.to
 
 
 def source_line(doc, extra=""):
-    return f"{doc['cpu']}, {doc['threads']} threads, {doc['date']}, commit {doc['commit']}{extra}"
+    threads = f"{doc['threads']} thread{'' if doc['threads'] == 1 else 's'}"
+    return f"{doc['cpu']}, {threads}, {doc['date']}, commit {doc['commit']}{extra}"
 
 
 def save(fig, path):
@@ -81,7 +82,7 @@ def peers(doc, out):
     ms = {(r["net"], r["input"], r["batch"], r["engine"]): r["ms_median"] for r in doc["rows"]}
     engines = [e for e in ENGINES if any(k[3] == e for k in ms)]
     width = 0.8 / len(engines)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(configs)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.25 * len(configs)), 4))
     for i, engine in enumerate(engines):
         xs, ys, labels = [], [], []
         for j, (net, size, batch) in enumerate(configs):
@@ -94,7 +95,7 @@ def peers(doc, out):
         bars = ax.bar(xs, ys, width, label=ENGINE_NAMES.get(engine, engine))
         ax.bar_label(bars, labels, fontsize=6, rotation=90, padding=2)
     ax.set_xticks(range(len(configs)),
-                  [f"{net}\n{size}, batch {batch}" for net, size, batch in configs], fontsize=7)
+                  [f"{net}\n{size}\nbatch {batch}" for net, size, batch in configs], fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("time per batch, relative to PyTorch\n(lower is faster; bars labelled in ms)")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
