@@ -1,4 +1,4 @@
-//! The `octserve` command line: one binary, one subcommand per job (see INTERFACE.md).
+//! The `octserve` command line: one binary, one subcommand per job (docs/contract.md).
 
 mod commands;
 

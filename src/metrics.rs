@@ -1,4 +1,4 @@
-//! Prometheus metrics (names in INTERFACE.md; prefix `octserve_`, seconds, bytes).
+//! Prometheus metrics (names in docs/contract.md; prefix `octserve_`, seconds, bytes).
 //!
 //! The recorder is process-wide (the `metrics` facade allows one); every server in the process
 //! shares it and `/metrics` renders it. Each variant's series are created with zero values when

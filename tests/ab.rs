@@ -1,4 +1,4 @@
-//! A/B routing, shadow traffic, runtime reload and the metrics of INTERFACE.md, through a real
+//! A/B routing, shadow traffic, runtime reload and the metrics of docs/contract.md, through a real
 //! server.
 
 mod common;
@@ -220,7 +220,7 @@ async fn sighup_reloads_routing_without_losing_a_request() {
     assert_eq!(weights, vec![0., 1.]);
 }
 
-/// Every metric of INTERFACE.md, with its labels: (name, labels that must appear).
+/// Every metric of docs/contract.md, with its labels: (name, labels that must appear).
 const METRICS: &[(&str, &[&str])] = &[
     ("octserve_requests_total", &["model", "variant", "code"]),
     (

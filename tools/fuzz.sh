@@ -5,8 +5,8 @@
 #   FUZZ_TARGETS="headers" bash tools/fuzz.sh 300  # only some targets
 #   FUZZ_CODEGEN_UNITS=1 bash tools/fuzz.sh 3600   # slower build, a little faster fuzzing
 #
-# cargo-fuzz needs nightly rustc flags (-Z sanitizer, coverage passes); this machine has only a
-# stable toolchain, so RUSTC_BOOTSTRAP=1 lets stable accept them. Installs cargo-fuzz if missing.
+# cargo-fuzz needs nightly rustc flags (-Z sanitizer, coverage passes); on a stable toolchain
+# RUSTC_BOOTSTRAP=1 lets rustc accept them. Installs cargo-fuzz if missing.
 # All targets are built once (release, in tools/fuzz/target, kept between runs) before any runs.
 # New inputs go to target/fuzz-corpus/<target> (the committed seeds stay as they are); a crash
 # leaves its input in tools/fuzz/artifacts/<target>/ and fails this script: make it a test.

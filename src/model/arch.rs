@@ -61,7 +61,7 @@ const fn spec(
 
 use BlockKind::{Basic, Bottleneck};
 
-/// Every architecture octserve builds (names as in INTERFACE.md).
+/// Every architecture octserve builds (names as in docs/contract.md).
 pub static ARCHS: &[ArchSpec] = &[
     spec("resnet18", false, Basic, &[2, 2, 2, 2], false),
     spec("resnet34", false, Basic, &[3, 4, 6, 3], false),

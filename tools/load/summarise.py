@@ -19,7 +19,7 @@ def main():
     errors = r["errors_by_code"]
     checks = []
     if mode == "overload":
-        # Two variants share the load, each with its own queue: bound per the README formula.
+        # The longest an accepted request can wait: a full queue drained at capacity, plus one batch.
         bound_ms = (MAX_QUEUE_SIZE / capacity + MAX_BATCH_SIZE / capacity) * 1e3
         allowed = {"ResourceExhausted", "DeadlineExceeded"}
         checks = [

@@ -55,7 +55,7 @@ unsafe fn micro<const ROWS: usize, const NV: usize, const PREFETCH: bool>(t: &Ti
 /// two K steps, multiplied by the row's two A values broadcast as one 64-bit pair; the
 /// halves are summed before the store. `PREFETCH` as in [`lanes::micro`]. Plain indexed
 /// loops, as in [`lanes::micro`]: with the iterator loops this had before, LLVM came to keep
-/// the accumulators on the stack, storing every one after each FMA, once the tenth session
+/// the accumulators on the stack, storing every one after each FMA, when edits elsewhere
 /// changed the code inlined around them (ResNet-20's 16-channel layers 2.5 times as slow).
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_pairs<const ROWS: usize, const NV: usize, const PREFETCH: bool>(
