@@ -421,3 +421,31 @@ async fn polling_follows_the_repository() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::NotFound);
 }
+
+/// NVIDIA's Python client's repository calls (`.ci/run` installs it with pip).
+#[tokio::test]
+async fn tritonclient_loads_and_unloads_models() {
+    const MODEL: &str = "tritonclient";
+    let models = models_dir(MODEL, &[VANILLA, OCTAVE]);
+    let server = start(models.path(), ModelControl::Explicit).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tools/interop/repository_tritonclient.py"
+    );
+    let url = server.grpc.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, "--url", &url, "--model", MODEL])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "tritonclient repository checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all repository checks passed"), "{stdout}");
+}
