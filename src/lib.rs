@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod registry;
+pub mod rest;
 pub mod router;
 pub mod security;
 pub mod server;
