@@ -1,7 +1,7 @@
 # octserve, CPU image.
 #
 #   docker build -t octserve:0.1.0 .
-#   docker run --rm -p 50051:50051 -p 9090:9090 octserve:0.1.0
+#   docker run --rm -p 50051:50051 -p 8000:8000 -p 9090:9090 octserve:0.1.0
 #
 # The CUDA image is Dockerfile.cuda: its base images (nvidia/cuda devel and runtime) and build
 # environment differ in every stage, so a second file reads better than build arguments here.
@@ -41,5 +41,5 @@ COPY --from=builder /src/models /opt/octserve/models
 WORKDIR /opt/octserve
 USER 10001:10001
 # gRPC (Classifier, KServe v2, health, reflection) and Prometheus /metrics.
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 ENTRYPOINT ["octserve", "serve"]

@@ -1,4 +1,5 @@
-//! The serving errors and their one mapping to gRPC status codes.
+//! The serving errors and their one mapping to gRPC status codes, and from those to the HTTP/REST
+//! port's statuses.
 
 use tonic::{Code, Status};
 
@@ -81,6 +82,28 @@ impl From<ServeError> for Status {
             tracing::error!(%cause, "internal error");
         }
         Status::new(e.code(), e.to_string())
+    }
+}
+
+/// The HTTP/REST port's status for a gRPC code, so that both protocols answer a failure alike.
+pub fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode;
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Cancelled | Code::Unknown | Code::Internal | Code::DataLoss => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 

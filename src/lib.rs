@@ -17,6 +17,7 @@ pub mod model;
 pub mod preprocess;
 pub mod registry;
 pub mod repository;
+pub mod rest;
 pub mod router;
 pub mod security;
 pub mod server;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -28,6 +27,35 @@ impl TlsConfig {
         if let Some(ca) = &self.client_ca {
             config = config.client_ca_root(Certificate::from_pem(read(ca)?));
         }
+        Ok(config)
+    }
+
+    /// The same files as a rustls configuration, for the HTTP/REST port (HTTP/1.1 only).
+    pub fn rustls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            CertificateDer::pem_slice_iter(&read(path)?)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("reading certificates from {}", path.display()))
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(&self.key)?)
+            .with_context(|| format!("reading a private key from {}", self.key.display()))?;
+        let builder = rustls::ServerConfig::builder();
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(certs(ca)?);
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs(&self.cert)?, key)
+            .context("the TLS certificate and key")?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
 
@@ -103,15 +131,15 @@ impl ApiKey {
         request
     }
 
-    /// Whether `metadata` carries this key. The SHA-256 digests of the presented and the
-    /// expected key are compared, in constant time: response timing tells an attacker neither
-    /// how much of a guess was right nor how long the key is.
-    fn admits(&self, metadata: &MetadataMap) -> bool {
-        let presented = metadata
+    /// Whether `headers` (gRPC metadata or HTTP headers) carry this key. The SHA-256 digests of
+    /// the presented and the expected key are compared, in constant time: response timing tells
+    /// an attacker neither how much of a guess was right nor how long the key is.
+    pub fn admits(&self, headers: &http::HeaderMap) -> bool {
+        let presented = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| metadata.get("x-api-key").and_then(|v| v.to_str().ok()));
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
         presented.is_some_and(|p| bool::from(sha256(p.as_bytes()).ct_eq(&self.digest)))
     }
 }
@@ -123,7 +151,7 @@ pub struct RequireApiKey(pub Option<ApiKey>);
 impl tonic::service::Interceptor for RequireApiKey {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         match &self.0 {
-            Some(key) if !key.admits(request.metadata()) => Err(Status::unauthenticated(
+            Some(key) if !key.admits(request.metadata().as_ref()) => Err(Status::unauthenticated(
                 "missing or wrong API key: send 'authorization: Bearer <key>'",
             )),
             _ => Ok(request),

@@ -1,5 +1,6 @@
 //! Runs the service: gRPC (Classifier, health, reflection) on one listener, Prometheus text on
-//! another, models loading in the background, and a shutdown that ends: a graceful drain of
+//! another, the KServe v2 HTTP/REST routes on a third when given one, models loading in the
+//! background, and a shutdown that ends: a graceful drain of
 //! accepted requests (at most the grace period), then every connection still open is closed.
 
 use std::future::Future;
@@ -24,6 +25,7 @@ use crate::pb::classifier_server::ClassifierServer;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::registry::Registry;
 use crate::repository::ModelControl;
+use crate::rest::{HttpOptions, HttpServer};
 use crate::security::{ApiKey, RequireApiKey, TlsConfig};
 use crate::service::{ClassifierService, ServingState};
 use crate::worker::WorkerHealth;
@@ -52,21 +54,48 @@ pub struct ServeOptions {
     pub device: Device,
     /// Longest wait for accepted requests after shutdown is asked for.
     pub grace_period: Duration,
-    /// TLS on the gRPC port (the metrics port stays plain HTTP: bind it to a private address).
+    /// TLS on the gRPC and HTTP/REST ports (the metrics port stays plain HTTP: bind it to a
+    /// private address).
     pub tls: Option<TlsConfig>,
-    /// Required on every RPC except health.
+    /// Required on every RPC and HTTP route except health.
     pub api_key: Option<ApiKey>,
 }
 
-/// Serves until `shutdown` completes, then refuses new requests, answers every accepted one
-/// (within the grace period), closes the connections still open and returns: at most the grace
-/// period and about two seconds after `shutdown`, whatever clients do.
+/// The ports served: gRPC, and optionally Prometheus metrics and KServe v2 HTTP/REST.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
+/// [`run_with`] on gRPC and, when given, metrics listeners.
 pub async fn run(
     grpc: TcpListener,
     metrics: Option<TcpListener>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listeners = Listeners {
+        grpc,
+        metrics,
+        http: None,
+    };
+    run_with(listeners, options, shutdown).await
+}
+
+/// Serves until `shutdown` completes, then refuses new requests, answers every accepted one
+/// (within the grace period), closes the connections still open and returns: at most the grace
+/// period and about two seconds after `shutdown`, whatever clients do.
+pub async fn run_with(
+    listeners: Listeners,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Listeners {
+        grpc,
+        metrics,
+        http,
+    } = listeners;
     // Installed before the models load, so an early SIGHUP cannot end the process; queued
     // hangups reload once the models are in.
     let hangups = hangup_signals();
@@ -159,6 +188,16 @@ pub async fn run(
             .context("TLS configuration")?;
     }
     let (close, closed) = watch::channel(false);
+    if let Some(listener) = http {
+        let http = HttpOptions {
+            api_key: options.api_key.clone(),
+            tls: options.tls.clone(),
+            connections,
+            max_body_bytes: options.config.limits.max_request_bytes + MESSAGE_OVERHEAD,
+        };
+        let server = HttpServer::new(state.clone(), http).context("HTTP configuration")?;
+        tokio::spawn(server.serve(listener, closed.clone()));
+    }
     let server = builder
         .layer(StampDeadlineLayer)
         .add_service(health_service)

@@ -18,7 +18,7 @@ use octserve::pb::ClassifyRequest;
 /// Where the images put the models (Dockerfile: `COPY ... /opt/octserve/models`).
 const IMAGE_ROOT: &str = "/opt/octserve/";
 /// `octserve serve`'s default ports (docs/contract.md), which the images EXPOSE.
-const SERVE_PORTS: [u16; 2] = [50051, 9090];
+const SERVE_PORTS: [u16; 3] = [50051, 8000, 9090];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -364,6 +364,7 @@ impl Server {
             .arg(models_dir())
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
+            .args(["--http-addr", &free_port().to_string()])
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -422,21 +422,34 @@ async fn polling_follows_the_repository() {
     assert_eq!(refused.code(), Code::NotFound);
 }
 
-/// NVIDIA's Python client's repository calls (`.ci/run` installs it with pip).
+/// NVIDIA's Python client's repository calls, over gRPC and HTTP (`.ci/run` installs it).
 #[tokio::test]
 async fn tritonclient_loads_and_unloads_models() {
-    const MODEL: &str = "tritonclient";
-    let models = models_dir(MODEL, &[VANILLA, OCTAVE]);
+    for http in [false, true] {
+        tritonclient_repository_checks(http).await;
+    }
+}
+
+async fn tritonclient_repository_checks(http: bool) {
+    let model = if http {
+        "tritonclient-http"
+    } else {
+        "tritonclient-grpc"
+    };
+    let models = models_dir(model, &[VANILLA, OCTAVE]);
     let server = start(models.path(), ModelControl::Explicit).await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tools/interop/repository_tritonclient.py"
     );
-    let url = server.grpc.to_string();
+    let mut args = vec![script.to_string(), "--model".into(), model.into()];
+    let url = if http { server.http } else { server.grpc };
+    args.extend(["--url".into(), url.to_string()]);
+    if http {
+        args.push("--http".into());
+    }
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args([script, "--url", &url, "--model", MODEL])
-            .output()
+        std::process::Command::new("python3").args(&args).output()
     })
     .await
     .unwrap()

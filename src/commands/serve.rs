@@ -12,7 +12,7 @@ use octserve::config::ServeConfig;
 use octserve::device::parse_device;
 use octserve::repository::ModelControl;
 use octserve::security::{ApiKey, TlsConfig};
-use octserve::server::{run as serve, ServeOptions};
+use octserve::server::{run_with as serve, Listeners, ServeOptions};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -23,6 +23,9 @@ pub struct ServeArgs {
     pub grpc_addr: SocketAddr,
     #[arg(long, env = "OCTSERVE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// KServe v2 / Open Inference Protocol over HTTP/REST (Triton's port).
+    #[arg(long, env = "OCTSERVE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
     /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, env = "OCTSERVE_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -93,8 +96,21 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let metrics = TcpListener::bind(args.metrics_addr)
             .await
             .with_context(|| format!("binding metrics to {}", args.metrics_addr))?;
-        tracing::info!(grpc = %args.grpc_addr, metrics = %args.metrics_addr, "listening");
-        serve(grpc, Some(metrics), options, shutdown_signal()).await
+        let http = TcpListener::bind(args.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP to {}", args.http_addr))?;
+        tracing::info!(
+            grpc = %args.grpc_addr,
+            metrics = %args.metrics_addr,
+            http = %args.http_addr,
+            "listening"
+        );
+        let listeners = Listeners {
+            grpc,
+            metrics: Some(metrics),
+            http: Some(http),
+        };
+        serve(listeners, options, shutdown_signal()).await
     });
     // A model still loading or an image still decoding on the blocking pool must not hold the
     // exit past the shutdown's bound.

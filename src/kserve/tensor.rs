@@ -210,7 +210,7 @@ fn batch_size(n: i64, input: &str, max_images: usize) -> Result<usize, ServeErro
 }
 
 /// Triton's raw BYTES layout: each element is a 4-byte little-endian length, then its bytes.
-fn split_length_prefixed(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, ServeError> {
+pub(crate) fn split_length_prefixed(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, ServeError> {
     let mut elements = Vec::new();
     while !bytes.is_empty() {
         let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| {

@@ -17,11 +17,13 @@ use tonic_health::pb::HealthCheckRequest;
 
 use octserve::config::{BatchingConfig, ServeConfig};
 use octserve::pb::classifier_client::ClassifierClient;
-use octserve::server::{run, ServeOptions};
+use octserve::server::{run_with, Listeners, ServeOptions};
 
 pub struct TestServer {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
+    /// The KServe v2 HTTP/REST port.
+    pub http: SocketAddr,
     pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     pub handle: JoinHandle<anyhow::Result<()>>,
@@ -37,10 +39,17 @@ impl TestServer {
     pub async fn start_with(options: ServeOptions, tls: Option<ClientTlsConfig>) -> Self {
         let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap();
         let metrics = metrics_listener.local_addr().unwrap();
+        let http = http_listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(run(grpc_listener, Some(metrics_listener), options, async {
+        let listeners = Listeners {
+            grpc: grpc_listener,
+            metrics: Some(metrics_listener),
+            http: Some(http_listener),
+        };
+        let handle = tokio::spawn(run_with(listeners, options, async {
             let _ = rx.await;
         }));
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -52,6 +61,7 @@ impl TestServer {
         let server = Self {
             grpc,
             metrics,
+            http,
             channel,
             shutdown: Some(tx),
             handle,
