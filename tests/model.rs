@@ -247,8 +247,10 @@ fn resnet50s_fast_path_computes_the_plain_network_at_224x224() {
         let fast = folded.forward(&x).unwrap();
         let scale = values(&plain.abs().unwrap()).into_iter().fold(0., f64::max);
         let diff = max_abs_diff(&plain, &fast);
+        // Random BatchNorm statistics grow the logits through 50 layers (oct-resnet50's reach
+        // ~1e6), so the bound is relative to them: 1e-5, where summation order leaves < 1e-6.
         assert!(
-            diff <= 1e-4 * scale.max(1.),
+            diff <= 1e-5 * scale.max(1.),
             "{name}: the fast path differs by {diff} (scale {scale})"
         );
     }
