@@ -72,19 +72,11 @@ impl LiveStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = self.inner.lock().unwrap().clone();
-        let mut sorted: Vec<f64> = s.latencies_ms.into_iter().collect();
-        sorted.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            if sorted.is_empty() {
-                0.
-            } else {
-                sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
-            }
-        };
+        let [p50_ms, p99_ms] = percentiles(s.latencies_ms.into_iter().collect(), [0.5, 0.99]);
         StatsSnapshot {
             requests: s.requests,
-            p50_ms: pct(0.5),
-            p99_ms: pct(0.99),
+            p50_ms,
+            p99_ms,
             bytes_per_image: s.costs.latest().bytes,
             shadow_comparisons: s.shadow_comparisons,
             shadow_agreements: s.shadow_agreements,
@@ -115,16 +107,9 @@ struct SizeCosts {
 
 impl SizeCosts {
     fn per_image(&self) -> PerImage {
-        let mut sorted: Vec<f64> = self.seconds.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let seconds = match sorted.len() {
-            0 => 0.,
-            n if n % 2 == 1 => sorted[n / 2],
-            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.,
-        };
         PerImage {
             bytes: self.bytes,
-            seconds,
+            seconds: median(self.seconds.iter().copied().collect()),
         }
     }
 }
@@ -178,6 +163,33 @@ impl CostsBySize {
     }
 }
 
+/// Nearest-rank percentiles of `samples`, one for each fraction of `qs`: the smallest sample
+/// with at least that fraction of the samples at or below it; zeros for no samples.
+///
+/// Every latency percentile octserve reports (`ListModels`, `bench`, `loadgen`) comes from
+/// here. Not a histogram crate (`hdrhistogram`): the windows here slide (a histogram cannot
+/// forget a sample), the reports quote exact samples (a histogram rounds them to its
+/// significant digits), and `bench`'s per-pass ratios are floats below 1.
+pub fn percentiles<const N: usize>(mut samples: Vec<f64>, qs: [f64; N]) -> [f64; N] {
+    samples.sort_by(f64::total_cmp);
+    qs.map(|q| match samples.len() {
+        0 => 0.,
+        n => samples[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    })
+}
+
+/// The median of `samples`, the mean of the middle two for an even count; 0 for none.
+/// Unlike the nearest-rank [`percentiles`], it does not lean to the lower middle sample, so
+/// two batch times give their midpoint.
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    match samples.len() {
+        0 => 0.,
+        n if n % 2 == 1 => samples[n / 2],
+        n => (samples[n / 2 - 1] + samples[n / 2]) / 2.,
+    }
+}
+
 /// `1 - value / baseline`, or 0 while either is unknown.
 pub fn savings(value: f64, baseline: f64) -> f64 {
     if value > 0. && baseline > 0. {
@@ -197,6 +209,20 @@ mod tests {
             c.record(size, seconds, bytes);
         }
         c
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank_samples() {
+        let samples: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        assert_eq!(
+            percentiles(samples, [0.5, 0.9, 0.99, 1.]),
+            [100., 180., 198., 200.]
+        );
+        assert_eq!(percentiles(vec![7.], [0., 0.5, 1.]), [7.; 3]);
+        assert_eq!(percentiles(Vec::new(), [0.5, 0.99]), [0.; 2]);
+        assert_eq!(median(vec![4., 1., 3., 2.]), 2.5);
+        assert_eq!(median(vec![3., 1., 2.]), 2.);
+        assert_eq!(median(Vec::new()), 0.);
     }
 
     #[test]

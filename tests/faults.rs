@@ -127,8 +127,9 @@ async fn clients_that_vanish_or_send_a_gigabyte_do_not_affect_the_others() {
             let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
         }
     });
-    // A 1 GiB image: refused from the message's length prefix, never buffered whole (the client
-    // sees OUT_OF_RANGE, or a reset stream while it is still sending).
+    // A 1 GiB image: refused (OUT_OF_RANGE) from the message's length prefix while the client is
+    // still sending it; `the_length_prefix_alone_gets_an_over_limit_message_refused` shows no
+    // byte of the body is waited for.
     let mut huge_client = ClassifierClient::new(server.new_connection().await);
     let huge = async move {
         let request = classify("hostile", vec![0u8; 1 << 30]);
@@ -144,10 +145,58 @@ async fn clients_that_vanish_or_send_a_gigabyte_do_not_affect_the_others() {
         huge,
         futures::future::join_all(ordinary)
     );
-    assert_ne!(status.code(), Code::Ok);
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     for answer in answers {
         assert_eq!(answer.unwrap().into_inner().model, "hostile");
     }
+    assert_eq!(server.health("").await, ServingStatus::Serving);
+    scenario.teardown();
+}
+
+/// A gRPC message's 5-byte prefix announcing 1 GiB, and then nothing: the server answers
+/// OUT_OF_RANGE at once, from the prefix alone. A server that buffered the message before
+/// checking its size would wait for the body and never answer.
+#[tokio::test]
+async fn the_length_prefix_alone_gets_an_over_limit_message_refused() {
+    let scenario = FailScenario::setup();
+    let (server, _dir) = server("prefix-only").await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/octserve.v1.Classifier/Classify",
+            server.grpc
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    // The stream stays open: the body is announced, never sent.
+    body.send_data(bytes::Bytes::from(prefix), false).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        let (parts, mut body) = response.await.unwrap().into_parts();
+        let status = |map: &http::HeaderMap| {
+            let code = map.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+            let message = map
+                .get("grpc-message")
+                .map(|m| m.to_str().unwrap().to_string());
+            Some((code, message.unwrap_or_default()))
+        };
+        if let Some(status) = status(&parts.headers) {
+            return status;
+        }
+        while body.data().await.is_some() {}
+        status(&body.trailers().await.unwrap().unwrap()).unwrap()
+    })
+    .await
+    .expect("no answer while the body was outstanding: the message is being buffered");
+    assert_eq!(status.0, Code::OutOfRange as i32, "{status:?}");
+    assert!(status.1.contains("limit"), "{status:?}");
     assert_eq!(server.health("").await, ServingStatus::Serving);
     scenario.teardown();
 }

@@ -126,7 +126,8 @@ fn state_dict_keys_and_shapes_match_d_li14_and_torchvision() {
 }
 
 /// Full-size oct-resnet50 and resnet50 at 224x224, written by
-/// `python3 tools/reference/make_fixtures.py --big DIR` (too large to commit).
+/// `python3 tools/reference/make_fixtures.py --big DIR` (too large to commit). Without them,
+/// tests/model.rs checks both at 224x224 on the fast path against the plain network.
 #[test]
 #[ignore = "needs OCTSERVE_BIG_FIXTURES from tools/reference/make_fixtures.py --big"]
 fn full_size_resnet50s_match_the_pytorch_reference() {

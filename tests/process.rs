@@ -669,18 +669,6 @@ fn png_chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     let start = png.len();
     png.extend_from_slice(kind);
     png.extend_from_slice(data);
-    let crc = crc32(&png[start..]);
+    let crc = crc32fast::hash(&png[start..]);
     png.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// CRC-32 (IEEE), bit by bit: the chunks are small enough.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
 }

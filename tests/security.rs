@@ -95,22 +95,71 @@ async fn classify_over_tls_and_plain_text_is_refused() {
     assert_eq!(reply.into_inner().variant, "vanilla");
 
     // A plain-text client gets no answer from a TLS port.
-    let plain = channel(&server, "http", None).await;
+    // The connection is made and then dropped, not refused.
+    let plain = refusal(channel(&server, "http", None).await, "tls").await;
     assert!(
-        refused(plain, "tls").await,
-        "a plain-text client was served"
+        plain.contains("connection error") && !plain.contains("refused"),
+        "{plain}"
+    );
+    // What it was sent: a TLS alert record, the TLS layer refusing bytes that are not TLS
+    // (content type 21, alert; level 2, fatal; 50, decode_error).
+    let reply = plain_text_reply(&server).await;
+    assert!(
+        reply.len() == 7 && reply[0] == 21 && reply[5..] == [2, 50],
+        "not a fatal TLS decode_error alert: {reply:?}"
+    );
+
+    // A client that trusts another CA refuses the server's certificate.
+    let stranger = TestPki::new();
+    let untrusting = refusal(
+        channel(&server, "https", Some(stranger.client(false))).await,
+        "tls",
+    )
+    .await;
+    // rustls's certificate verification error (BadSignature: the stranger CA has the same
+    // empty name as the server's issuer, so only the signature tells them apart).
+    assert!(
+        untrusting.contains("invalid peer certificate: BadSignature"),
+        "{untrusting}"
     );
 }
 
-/// Whether the server refused a client on `channel`: at connection or at the first call.
-async fn refused(channel: Result<Channel, tonic::transport::Error>, model: &str) -> bool {
-    match channel {
-        Err(_) => true,
-        Ok(channel) => ClassifierClient::new(channel)
-            .classify(classify(model))
-            .await
-            .is_err(),
+/// What the server answers a plain-text HTTP/2 client's first bytes with, until it closes.
+async fn plain_text_reply(server: &TestServer) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let read = tcp.read_to_end(&mut reply);
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .expect("the server neither answered nor closed")
+        // A reset after the reply keeps what was read.
+        .ok();
+    reply
+}
+
+/// Why a client on `channel` was refused, at connection or at its first call: the error with
+/// its causes. Panics if the client was served.
+async fn refusal(channel: Result<Channel, tonic::transport::Error>, model: &str) -> String {
+    let error: Box<dyn std::error::Error> = match channel {
+        Err(e) => Box::new(e),
+        Ok(channel) => Box::new(
+            ClassifierClient::new(channel)
+                .classify(classify(model))
+                .await
+                .expect_err("the client was served"),
+        ),
+    };
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text += &format!(": {e}");
+        cause = e.source();
     }
+    text
 }
 
 #[tokio::test]
@@ -125,10 +174,15 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     assert_eq!(reply.into_inner().model, "mtls");
 
     // Trusting the server is not enough: without a client certificate the handshake fails.
-    let anonymous = channel(&server, "https", Some(pki.client(false))).await;
+    let anonymous = refusal(
+        channel(&server, "https", Some(pki.client(false))).await,
+        "mtls",
+    )
+    .await;
+    // The server's TLS 1.3 alert, as rustls reports it to the client.
     assert!(
-        refused(anonymous, "mtls").await,
-        "a client without a certificate was served"
+        anonymous.contains("received fatal alert: CertificateRequired"),
+        "{anonymous}"
     );
 }
 

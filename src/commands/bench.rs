@@ -11,6 +11,7 @@ use octserve::device::{device_name, memory_info, parse_device};
 use octserve::model::arch::Arch;
 use octserve::model::weights::WeightSource;
 use octserve::model::{Model, ModelConfig};
+use octserve::stats::percentiles;
 
 use super::{at_least_one, print_json, ModelArgs};
 
@@ -150,9 +151,8 @@ fn profile_layers(
         .iter()
         .enumerate()
         .map(|(i, (name, _))| {
-            let mut ms: Vec<f64> = runs.iter().map(|r| r[i].1.as_secs_f64() * 1e3).collect();
-            ms.sort_by(f64::total_cmp);
-            let ms = percentile(&ms, 0.5);
+            let ms: Vec<f64> = runs.iter().map(|r| r[i].1.as_secs_f64() * 1e3).collect();
+            let [ms] = percentiles(ms, [0.5]);
             let macs = batch
                 * cost
                     .layers
@@ -260,16 +260,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             ratios.push(ms / other);
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    versus_latencies.sort_by(f64::total_cmp);
-    ratios.sort_by(f64::total_cmp);
-    let versus = args.versus.map(|arch| Versus {
-        arch: arch.to_string(),
-        latency_ms_p50: percentile(&versus_latencies, 0.5),
-        latency_ms_p90: percentile(&versus_latencies, 0.9),
-        ratio_p50: percentile(&ratios, 0.5),
+    let versus = args.versus.map(|arch| {
+        let [latency_ms_p50, latency_ms_p90] = percentiles(versus_latencies, [0.5, 0.9]);
+        Versus {
+            arch: arch.to_string(),
+            latency_ms_p50,
+            latency_ms_p90,
+            ratio_p50: percentiles(ratios, [0.5])[0],
+        }
     });
-    let p50 = percentile(&latencies, 0.5);
+    let iters = latencies.len();
+    let [p50, p90] = percentiles(latencies, [0.5, 0.9]);
     let layers = if args.profile {
         Some(profile_layers(&model, &input, args.iters.max(1))?)
     } else {
@@ -282,10 +283,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{:?}", args.dtype).to_lowercase(),
         input_size: size,
         batch_size: args.batch_size,
-        iters: latencies.len(),
+        iters,
         threads: candle_core::utils::get_num_threads(),
         latency_ms_p50: p50,
-        latency_ms_p90: percentile(&latencies, 0.9),
+        latency_ms_p90: p90,
         images_per_sec: args.batch_size as f64 / (p50 / 1e3),
         peak_bytes,
         layers,
@@ -331,10 +332,4 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
         Ok(())
     }
-}
-
-/// Nearest-rank percentile of sorted samples.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }

@@ -16,8 +16,8 @@ use tonic::transport::Channel;
 
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::pb::{ClassifyRequest, Timing};
+use octserve::stats::percentiles as nearest_rank;
 
-use super::bench::percentile;
 use super::{at_least_one, number_in, print_json, TargetArgs};
 
 #[derive(Args, Debug)]
@@ -202,13 +202,9 @@ impl Sender {
     }
 }
 
-/// p50, p90 and p99 of `latencies` (sorted here).
-fn percentiles(mut latencies: Vec<f64>) -> [f64; 3] {
-    if latencies.is_empty() {
-        return [0.; 3];
-    }
-    latencies.sort_by(f64::total_cmp);
-    [0.5, 0.9, 0.99].map(|q| percentile(&latencies, q))
+/// p50, p90 and p99 of `latencies`; zeros for none.
+fn percentiles(latencies: Vec<f64>) -> [f64; 3] {
+    nearest_rank(latencies, [0.5, 0.9, 0.99])
 }
 
 fn report(args: &LoadgenArgs, samples: Vec<Sample>, seconds: f64) -> anyhow::Result<()> {

@@ -124,16 +124,24 @@ impl TestServer {
         }
     }
 
+    /// The Prometheus text of `GET /metrics`.
     pub async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response
+        http_get(&format!("http://{}/metrics", self.metrics)).await
     }
+}
+
+/// The body of a `GET url` answered 200, through hyper's client.
+pub async fn http_get(url: &str) -> String {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    body
 }
 
 /// Plain-text serving options for `config` and `models_dir`.
