@@ -9,6 +9,7 @@ pub mod connections;
 pub mod dataset;
 pub mod deadline;
 pub mod device;
+pub mod device_peak;
 pub mod error;
 pub mod evaluate;
 pub mod kserve;

@@ -14,13 +14,14 @@ use tokio::sync::watch;
 use crate::alloc::measure_peak;
 use crate::batcher::{drop_expired, BatchReceiver, InferError, Job, Prediction};
 use crate::device::{device_name, memory_info};
+use crate::device_peak::measure_device_peak;
 use crate::model::Model;
 
 /// Anything that maps a batch of normalised CHW images to class probabilities.
 pub trait BatchModel: Send + 'static {
     fn infer(&mut self, inputs: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>>;
 
-    /// Device memory the last batch took, where the device is not host memory (CUDA).
+    /// Peak device memory the last batch held, where the device is not host memory (CUDA).
     fn device_bytes(&self) -> Option<usize> {
         None
     }
@@ -51,17 +52,25 @@ impl BatchModel for CandleClassifier {
     fn infer(&mut self, inputs: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (c, h, w) = self.shape;
         let data: Vec<f32> = inputs.iter().flat_map(|x| x.iter().copied()).collect();
-        let before = memory_info(&self.device);
-        // One upload per batch; only the small probability matrix comes back.
-        let batch = Tensor::from_vec(data, (inputs.len(), c, h, w), &self.device)?;
-        let logits = self.model.forward(&batch)?;
-        let probabilities = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
-        // Copying the result back synchronised the device, so the query sees the batch's memory.
-        if let (Some(before), Some(after)) = (before, memory_info(&self.device)) {
-            self.last_device_bytes = Some(before.free.saturating_sub(after.free));
+        // The upload counts: the input is part of what the batch holds on the device.
+        let (probabilities, peak) = measure_device_peak(&self.device, || {
+            // One upload per batch; only the small probability matrix comes back.
+            let batch = Tensor::from_vec(data, (inputs.len(), c, h, w), &self.device)?;
+            let logits = self.model.forward(&batch)?;
+            candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()
+        });
+        self.last_device_bytes = match peak {
+            Some(Ok(peak)) => Some(peak.bytes),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "device peak memory not measured for this batch");
+                None
+            }
+            None => None,
+        };
+        if let Some(after) = memory_info(&self.device) {
             crate::metrics::device_memory(&device_name(&self.device), after);
         }
-        Ok(probabilities)
+        Ok(probabilities?)
     }
 
     fn device_bytes(&self) -> Option<usize> {
@@ -74,8 +83,8 @@ impl BatchModel for CandleClassifier {
 pub struct BatchReport {
     pub size: usize,
     pub compute_time: Duration,
-    /// Peak bytes the forward pass allocated: host memory on the worker thread, or on CUDA the
-    /// device memory the batch took from the driver.
+    /// Peak bytes the forward pass held at once: host memory on the worker thread, or on CUDA
+    /// device memory (the memory pool's watermark: `crate::device_peak`).
     pub peak_bytes: usize,
     pub ok: bool,
 }

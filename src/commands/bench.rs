@@ -7,7 +7,8 @@ use clap::Args;
 use serde::Serialize;
 
 use octserve::alloc::measure_peak;
-use octserve::device::{device_name, memory_info, parse_device};
+use octserve::device::{device_name, parse_device};
+use octserve::device_peak::{analytic_peak_bytes, measure_device_peak, PeakSource};
 use octserve::model::arch::Arch;
 use octserve::model::weights::WeightSource;
 use octserve::model::{Model, ModelConfig};
@@ -63,9 +64,17 @@ struct BenchReport {
     latency_ms_p50: f64,
     latency_ms_p90: f64,
     images_per_sec: f64,
-    /// Peak bytes allocated during one forward pass (all images of the batch): host memory on
-    /// the CPU, device memory taken from the driver on CUDA.
+    /// The most bytes one forward pass (all images of the batch) held at once above what was
+    /// allocated before it (weights, input): on the CPU host memory, the largest over the
+    /// timed passes; on CUDA device memory, of one pass after the warm-up.
     peak_bytes: usize,
+    /// How `peak_bytes` was measured: `host-allocator`, `cuda-mempool` (both exact peaks) or
+    /// `driver-free-delta` (a device without memory pools: what a pass retained, not its peak).
+    peak_source: PeakSource,
+    /// The feature maps a pass must hold at once by the analytic cost walk, for this batch and
+    /// dtype: a floor for `peak_bytes` wherever the plain candle network runs (CUDA, and the
+    /// CPU off f32); the fast CPU path reuses its buffers and may stay below it.
+    analytic_peak_bytes: usize,
     /// With `--profile`: per layer, median over the iterations.
     #[serde(skip_serializing_if = "Option::is_none")]
     layers: Option<Vec<LayerProfile>>,
@@ -223,16 +232,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         forward(model)?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
-    // Device memory is measured from before the first pass: its allocator keeps what it took.
-    let untouched = memory_info(&device);
     for model in std::iter::once(&model).chain(&versus) {
         for _ in 0..2 {
             forward(model)?;
         }
     }
+    // A device's memory is measured on one more untimed pass, after the warm-up: reading its
+    // pool's counters waits for the device, which the timed passes should not pay for.
+    let (out, device_peak) = measure_device_peak(&device, || forward(&model));
+    out?;
+    let device_peak = device_peak.transpose()?;
     let mut latencies = Vec::with_capacity(args.iters);
     let (mut versus_latencies, mut ratios) = (Vec::new(), Vec::new());
-    let mut peak_bytes = 0;
+    let mut host_peak_bytes = 0;
     for i in 0..args.iters.max(1) {
         // The other model goes first every other iteration, so neither always runs warm.
         let other_first = versus
@@ -244,12 +256,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let (out, host_peak) = measure_peak(|| forward(&model));
         out?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let peak = match (untouched, memory_info(&device)) {
-            (Some(before), Some(now)) => before.free.saturating_sub(now.free),
-            _ => host_peak,
-        };
         latencies.push(ms);
-        peak_bytes = peak_bytes.max(peak);
+        host_peak_bytes = host_peak_bytes.max(host_peak);
         let other_second = versus
             .as_ref()
             .filter(|_| i % 2 == 0)
@@ -271,6 +279,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     });
     let iters = latencies.len();
     let [p50, p90] = percentiles(latencies, [0.5, 0.9]);
+    let (peak_bytes, peak_source) = match device_peak {
+        Some(peak) => (peak.bytes, peak.source),
+        None => (host_peak_bytes, PeakSource::HostAllocator),
+    };
     let layers = if args.profile {
         Some(profile_layers(&model, &input, args.iters.max(1))?)
     } else {
@@ -289,6 +301,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         latency_ms_p90: p90,
         images_per_sec: args.batch_size as f64 / (p50 / 1e3),
         peak_bytes,
+        peak_source,
+        analytic_peak_bytes: analytic_peak_bytes(&model, args.batch_size, size, size, args.dtype),
         layers,
         parity,
         versus,
