@@ -398,7 +398,10 @@ mod tests {
             let run = || conv_sum(&[Term::of(&conv, input)], &epilogue);
             let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
                 .expect_err("conv_sum must refuse");
-            panic.downcast_ref::<String>().cloned().unwrap_or_default()
+            match panic.downcast::<String>() {
+                Ok(message) => *message,
+                Err(panic) => panic.downcast_ref::<&str>().unwrap_or(&"").to_string(),
+            }
         };
         let fitting = Epilogue {
             bias: &bias,
