@@ -81,6 +81,49 @@ fn bench_versus_times_both_architectures_in_one_run() {
         .is_none());
 }
 
+/// `--logits-out` writes the benchmark's input and the fast path's logits for it: the same
+/// logits the plain candle network gives for that input on the same (shipped) weights.
+#[test]
+fn bench_logits_out_holds_the_input_and_the_models_logits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logits.safetensors");
+    let weights = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/fashion-mnist/resnet20.safetensors"
+    );
+    let args = ["--iters", "1", "--weights", weights, "--logits-out"];
+    bench_json("resnet20", &[&args[..], &[path.to_str().unwrap()]].concat());
+
+    let saved = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let (input, logits) = (&saved["input"], &saved["logits"]);
+    assert_eq!(input.dims(), [4, 1, 28, 28]);
+    assert_eq!(logits.dims(), [4, 10]);
+    let config = ModelConfig {
+        in_channels: 1,
+        num_classes: 10,
+        ..ModelConfig::new("resnet20".parse().unwrap())
+    };
+    let vb = WeightSource::File(weights.into())
+        .var_builder(DType::F32, &Device::Cpu)
+        .unwrap();
+    let reference = Model::new(config, vb).unwrap().forward(input).unwrap();
+    let diff = (reference - logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-3, "max |diff| {diff}");
+    let spread = logits.max_all().unwrap().to_scalar::<f32>().unwrap()
+        - logits.min_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        spread > 0.1,
+        "logits of a trained net differ by class: {spread}"
+    );
+}
+
 #[test]
 fn random_twins_share_their_weights() {
     let config = ModelConfig {

@@ -1,5 +1,7 @@
 //! `octserve bench`: offline forward-pass benchmark of one model on this machine.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -49,6 +51,11 @@ pub struct BenchArgs {
     /// On a shared, noisy machine both then see the same conditions: the fairest side by side.
     #[arg(long)]
     pub versus: Option<Arch>,
+    /// Also write the benchmark's input (NCHW) and the benchmarked model's logits for it to this
+    /// safetensors file, as f32 tensors `input` and `logits`: what another engine's output on
+    /// the same weights is checked against.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -179,6 +186,17 @@ fn profile_layers(
     Ok(layers)
 }
 
+/// `--logits-out`: the input and the model's logits for it, on the CPU in f32.
+fn save_logits(model: &Model, input: &Tensor, path: &PathBuf) -> anyhow::Result<()> {
+    let on_cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    let tensors = HashMap::from([
+        ("input", on_cpu(input)?),
+        ("logits", on_cpu(&model.forward(input)?)?),
+    ]);
+    candle_core::safetensors::save(&tensors, path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let config = args.model.config();
@@ -219,6 +237,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let parity = reference
         .map(|reference| Parity::measure(&reference, &model, &input))
         .transpose()?;
+    if let Some(path) = &args.logits_out {
+        save_logits(&model, &input, path)?;
+    }
 
     // Each pass ends by copying the logits back, which waits for an asynchronous device.
     let forward = |model: &Model| {

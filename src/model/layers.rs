@@ -12,7 +12,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::cost::{CostTracker, FeatureShape};
-use super::fast::layer::{Branches, FastLayer};
+use super::fast::{Branches, ConvWeights, FastLayer};
+use super::grid::halved;
 
 /// A 2-D convolution, optionally with a bias (a folded BatchNorm puts one there).
 #[derive(Clone, Debug)]
@@ -73,6 +74,17 @@ impl Conv2d {
 
     pub fn groups(&self) -> usize {
         self.groups
+    }
+
+    /// What the fast path packs: the weights, bias and geometry.
+    pub fn fast_weights(&self) -> ConvWeights<'_> {
+        ConvWeights {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            stride: self.stride,
+            padding: self.padding,
+            groups: self.groups,
+        }
     }
 
     fn kernel(&self) -> usize {
@@ -222,7 +234,7 @@ impl ConvBn {
             candle_core::bail!("fast path: fold the BatchNorm of {} first", self.name);
         }
         let convs = Branches {
-            h2h: Some(&self.conv),
+            h2h: Some(self.conv.fast_weights()),
             ..Branches::default()
         };
         FastLayer::new(&self.name, convs, false, self.relu)
@@ -308,11 +320,6 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.inner.forward(x)
     }
-}
-
-/// Output size of a 2x2 / stride-2 ceil-mode pool: odd sizes keep their last row/column.
-pub fn halved(n: usize) -> usize {
-    n.div_ceil(2)
 }
 
 /// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages the cells it has.

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod cost;
 pub mod fast;
+pub mod grid;
 pub mod layers;
 pub mod network;
 pub mod octconv;

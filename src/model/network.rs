@@ -8,9 +8,9 @@
 use candle_core::{Module, Result, Tensor};
 
 use super::cost::{CostReport, CostTracker, FeatureShape, OctShape};
-use super::fast::layer::FastLayer;
-use super::fast::{FastBlock, FastNet};
-use super::layers::{global_avg_pool, halved, max_pool3x3s2p1, ConvBn, Linear};
+use super::fast::{FastBlock, FastLayer, FastNet};
+use super::grid::halved;
+use super::layers::{global_avg_pool, max_pool3x3s2p1, ConvBn, Linear};
 use super::octconv::{OctConvBn, OctTensor};
 
 /// A feature map a residual block can carry: a plain tensor or an octave pair.

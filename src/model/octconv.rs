@@ -18,8 +18,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cost::{CostTracker, FeatureShape, OctShape};
-use super::fast::layer::{Branches, FastLayer};
-use super::layers::{add_upsampled, avg_pool2x2, halved, BatchNorm, Conv2d};
+use super::fast::{Branches, FastLayer};
+use super::grid::halved;
+use super::layers::{add_upsampled, avg_pool2x2, BatchNorm, Conv2d};
 
 /// An octave feature map: the full-resolution part and the optional half-resolution part.
 #[derive(Clone, Debug)]
@@ -300,10 +301,10 @@ impl OctConvBn {
         }
         let c = &self.conv;
         let convs = Branches {
-            h2h: c.h2h.as_ref(),
-            h2l: c.h2l.as_ref(),
-            l2h: c.l2h.as_ref(),
-            l2l: c.l2l.as_ref(),
+            h2h: c.h2h.as_ref().map(Conv2d::fast_weights),
+            h2l: c.h2l.as_ref().map(Conv2d::fast_weights),
+            l2h: c.l2h.as_ref().map(Conv2d::fast_weights),
+            l2l: c.l2l.as_ref().map(Conv2d::fast_weights),
         };
         FastLayer::new(&self.name, convs, c.stride == 2, self.relu)
     }

@@ -7,7 +7,7 @@
 | figure                    | data                        | written by                          |
 |---------------------------|-----------------------------|-------------------------------------|
 | docs/img/ablation.svg     | docs/data/ablation.json     | tools/train/ablation.py --json      |
-| docs/img/peers.svg        | docs/data/peers.json        | tools/plots/peers_to_json.py        |
+| docs/img/peers.svg        | docs/data/peers.json        | tools/peers/pytorch_vs_octserve.py --json |
 | docs/img/ab_timeline.svg  | docs/data/ab_timeline.json  | tools/plots/ab_timeline.py          |
 
 A figure whose data file is missing is skipped with a note. The SVGs carry no timestamp, so a rerun

@@ -7,16 +7,15 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use candle_core::{Device, Result, Tensor};
-
-use super::kernel::{self, tap_segment, Finish, Gemm, Kernel, Lhs, PackedB};
-use super::map::{avg_pool2x2, pooled_line, Map};
+use super::band::tap_block;
+use super::kernel::{self, Finish, Gemm, Lhs};
+use super::map::Map;
+use super::term::Term;
 use super::threads;
+use super::tiles::{blocks, Block};
 use crate::alloc::uncounted;
-use crate::model::layers::halved;
+use crate::model::grid::halved;
 
 /// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
 /// the GEMM reads them.
@@ -30,269 +29,6 @@ thread_local! {
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's addend rows of the block it computes.
     static ADDENDS: RefCell<Vec<[*const f32; 2]>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's row starts of the block it reads by taps.
-    static STARTS: RefCell<Vec<*const f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A convolution's weights as the GEMM's right-hand matrix, `[(ky, kx, c_in), c_out]` in
-/// the order of the patch rows built from an NHWC map, packed into panels once.
-#[derive(Clone, Debug)]
-pub struct PackedConv {
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    c_in: usize,
-    weights: PackedB,
-}
-
-impl PackedConv {
-    /// From PyTorch's `[c_out, c_in, k, k]` (f32, ungrouped), for this CPU's kernel.
-    pub fn new(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
-        let c_out = weight.dim(0)?;
-        let kernel = Kernel::choose(c_out, false, faster_for_wide);
-        Self::for_kernel(weight, stride, padding, kernel)
-    }
-
-    /// A classifier's `[classes, features]` weight as a 1x1 convolution over the pooled
-    /// `[n, 1, 1, features]` map.
-    pub fn linear(weight: &Tensor) -> Result<Self> {
-        let classes = weight.dim(0)?;
-        let as_conv = weight.unsqueeze(2)?.unsqueeze(3)?;
-        let kernel = Kernel::choose(classes, true, faster_for_wide);
-        Self::for_kernel(&as_conv, 1, 0, kernel)
-    }
-
-    fn for_kernel(weight: &Tensor, stride: usize, padding: usize, gemm: Kernel) -> Result<Self> {
-        let (c_out, c_in, kernel, kw) = weight.dims4()?;
-        if kernel != kw {
-            candle_core::bail!("fast path: square kernels only, got {kernel}x{kw}");
-        }
-        let weight = weight
-            .permute((2, 3, 1, 0))?
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        let depth = kernel * kernel * c_in;
-        let segment = if kernel > 1 && stride == 1 {
-            tap_segment(kernel, c_in)
-        } else {
-            depth
-        };
-        Ok(Self {
-            kernel,
-            stride,
-            padding,
-            c_in,
-            weights: PackedB::new(&weight, depth, c_out, gemm, segment),
-        })
-    }
-
-    pub fn c_in(&self) -> usize {
-        self.c_in
-    }
-
-    pub fn c_out(&self) -> usize {
-        self.weights.n()
-    }
-
-    fn depth(&self) -> usize {
-        self.kernel * self.kernel * self.c_in
-    }
-
-    fn out_len(&self, len: usize) -> usize {
-        (len + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
-    /// A 1x1 stride-1 convolution reads its NHWC input directly as the GEMM's left matrix.
-    fn reads_input_directly(&self) -> bool {
-        self.kernel == 1 && self.stride == 1 && self.padding == 0
-    }
-
-    /// A larger stride-1 kernel on our micro-kernel reads its taps in place from zero-bordered
-    /// copies of the input lines (see [`tap_block`]) instead of building patch rows. Paired
-    /// panels need each tap's channels in whole pairs.
-    fn reads_taps(&self) -> bool {
-        self.kernel > 1
-            && self.stride == 1
-            && self.weights.takes_taps(tap_segment(self.kernel, self.c_in))
-    }
-
-    /// Whether the convolution can read `avg_pool2x2(input)` pooled as it goes
-    /// ([`Term::pooled`]): where it reads lines of its input rather than patch rows.
-    pub fn reads_pooled(&self) -> bool {
-        self.reads_input_directly() || self.reads_taps()
-    }
-
-    /// Where each K segment of output pixel 0 starts in a band of input lines `padded_width`
-    /// wide: the A offsets of a tap-reading GEMM. A segment is one tap `(ky, kx)` or, where the
-    /// kernel takes them as one, the whole kernel row `ky` ([`tap_segment`]).
-    fn tap_offsets(&self, padded_width: usize) -> Vec<usize> {
-        let (k, c) = (self.kernel, self.c_in);
-        let per_row = tap_segment(k, c) / c;
-        (0..k * k)
-            .step_by(per_row)
-            .map(|t| ((t / k) * padded_width + t % k) * c)
-            .collect()
-    }
-
-    /// Writes the patch rows of output pixels `rows` (flat `n * ho * wo` indices) into `dst`.
-    fn patches(&self, x: &Map, rows: Range<usize>, dst: &mut [f32]) {
-        let (k, c) = (self.kernel, self.c_in);
-        let (ho, wo) = (self.out_len(x.h), self.out_len(x.w));
-        let run = k * c;
-        for (r, row) in rows.zip(dst.chunks_exact_mut(self.depth())) {
-            let (image, oy, ox) = (r / (ho * wo), r / wo % ho, r % wo);
-            let x0 = (ox * self.stride) as isize - self.padding as isize;
-            for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
-                let y = (oy * self.stride + ky) as isize - self.padding as isize;
-                if y < 0 || y >= x.h as isize {
-                    dst.fill(0.);
-                    continue;
-                }
-                let line = (image * x.h + y as usize) * x.w;
-                if x0 >= 0 && x0 as usize + k <= x.w {
-                    let start = (line + x0 as usize) * c;
-                    dst.copy_from_slice(&x.data[start..start + run]);
-                    continue;
-                }
-                for (kx, tap) in dst.chunks_exact_mut(c).enumerate() {
-                    let xx = x0 + kx as isize;
-                    if xx < 0 || xx >= x.w as isize {
-                        tap.fill(0.);
-                    } else {
-                        let start = (line + xx as usize) * c;
-                        tap.copy_from_slice(&x.data[start..start + c]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Which of our micro-kernel `ours` and the gemm crate runs wide convolutions faster on this
-/// CPU, measured once per process on three of ResNet-50's (a 3x3 at 56x56 and at 14x14, a 1x1
-/// at 14x14, one image), the back ends alternating, fastest of five each. Which wins depends on
-/// the core, not just on its vector width: on Intel's AVX-512 cores the crate's larger register
-/// tiles did, on AMD's Zen 4 ours did, taps read in place (BENCHMARKS.md).
-fn faster_for_wide(ours: Kernel) -> Kernel {
-    static FASTER: OnceLock<Kernel> = OnceLock::new();
-    *FASTER.get_or_init(|| {
-        // (side, input channels, output channels, kernel)
-        let shapes = [(56, 64, 64, 3), (14, 256, 256, 3), (14, 256, 1024, 1)];
-        let inputs = shapes.map(|(side, c, _, _)| Map {
-            n: 1,
-            h: side,
-            w: side,
-            c,
-            data: (0..side * side * c)
-                .map(|i| (i % 13) as f32 / 13.)
-                .collect(),
-        });
-        let packed = |kernel: Kernel| {
-            shapes.map(|(_, c_in, c_out, k)| {
-                let weight = Tensor::full(0.01f32, (c_out, c_in, k, k), &Device::Cpu)
-                    .and_then(|w| PackedConv::for_kernel(&w, 1, k / 2, kernel));
-                weight.expect("the calibration convolutions are well-formed")
-            })
-        };
-        let time = |convs: &[PackedConv]| {
-            let start = Instant::now();
-            for (conv, input) in convs.iter().zip(&inputs) {
-                conv_sum(&[Term::of(conv, input)], &Epilogue::default());
-            }
-            start.elapsed()
-        };
-        let (ours_convs, crate_convs) = (packed(ours), packed(Kernel::Portable));
-        let (mut fastest_ours, mut fastest_crate) = (Duration::MAX, Duration::MAX);
-        for _ in 0..5 {
-            fastest_ours = fastest_ours.min(time(&ours_convs));
-            fastest_crate = fastest_crate.min(time(&crate_convs));
-        }
-        let faster = if fastest_ours <= fastest_crate {
-            ours
-        } else {
-            Kernel::Portable
-        };
-        tracing::info!(
-            ours = ours.name(),
-            ours_ms = fastest_ours.as_secs_f64() * 1e3,
-            crate_ms = fastest_crate.as_secs_f64() * 1e3,
-            chosen = faster.name(),
-            "fast path: GEMM back end for wide convolutions"
-        );
-        faster
-    })
-}
-
-/// One summand of [`conv_sum`].
-pub struct Term<'a> {
-    pub conv: &'a PackedConv,
-    pub input: &'a Map,
-    /// The convolution reads `avg_pool2x2(input)`, pooled line by line as it reads it (no
-    /// pooled map): only where `conv.reads_pooled()`.
-    pub pooled: bool,
-    /// The channels of `avg_pool2x2(appended)`, read after the input's at every pixel: two
-    /// convolutions of one output grid as one over the stacked channels (see [`Term::joint`]).
-    pub appended: Option<&'a Map>,
-}
-
-impl<'a> Term<'a> {
-    /// `conv(input)`.
-    pub fn of(conv: &'a PackedConv, input: &'a Map) -> Self {
-        Self {
-            conv,
-            input,
-            pooled: false,
-            appended: None,
-        }
-    }
-
-    /// `conv(cat(input, avg_pool2x2(appended)))` over channels, `input` pooled too where
-    /// `pooled`: an octave layer's L->L and H->L convolutions as one GEMM with their kernels
-    /// stacked, read in one pass over one band of lines. Only where `conv.reads_pooled()`.
-    pub fn joint(conv: &'a PackedConv, input: &'a Map, pooled: bool, appended: &'a Map) -> Self {
-        assert!(conv.reads_pooled(), "a joint term is read line by line");
-        Self {
-            conv,
-            input,
-            pooled,
-            appended: Some(appended),
-        }
-    }
-
-    /// `conv(avg_pool2x2(input))`: pooled as the convolution reads it where it can, otherwise
-    /// into `store` first.
-    pub fn pooled(conv: &'a PackedConv, input: &'a Map, store: &'a mut Option<Map>) -> Self {
-        if conv.reads_pooled() {
-            return Self {
-                conv,
-                input,
-                pooled: true,
-                appended: None,
-            };
-        }
-        Self::of(conv, store.insert(avg_pool2x2(input)))
-    }
-
-    /// Whether the input is read as it is: neither pooled nor stacked with another.
-    fn reads_as_is(&self) -> bool {
-        !self.pooled && self.appended.is_none()
-    }
-
-    /// Whether the GEMM reads the input map itself as A, copying nothing.
-    fn reads_in_place(&self) -> bool {
-        self.conv.reads_input_directly() && self.reads_as_is()
-    }
-
-    /// The height and width the convolution reads.
-    fn grid(&self) -> (usize, usize) {
-        let (h, w) = (self.input.h, self.input.w);
-        if self.pooled {
-            (halved(h), halved(w))
-        } else {
-            (h, w)
-        }
-    }
 }
 
 /// What is applied to each output value after the convolutions, in this order.
@@ -308,6 +44,31 @@ pub struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
+    /// Panics unless the bias and the addend maps fit an `n x ho x wo x c` output: the GEMMs'
+    /// stores read them by pointer.
+    fn assert_fits(&self, (n, ho, wo, c): (usize, usize, usize, usize)) {
+        assert!(
+            self.bias.is_empty() || self.bias.len() == c,
+            "one bias per output channel"
+        );
+        if let Some(residual) = self.residual {
+            residual.assert_whole();
+            assert_eq!(
+                (residual.n, residual.h, residual.w, residual.c),
+                (n, ho, wo, c),
+                "residual shape"
+            );
+        }
+        if let Some(low) = self.upsampled {
+            low.assert_whole();
+            assert_eq!(
+                (low.n, low.h, low.w, low.c),
+                (n, halved(ho), halved(wo), c),
+                "upsampled shape"
+            );
+        }
+    }
+
     /// Fills `dst` with the residual and upsampled rows added to output rows `rows` of an
     /// `ho x wo x c` output; leaves it empty where there are none.
     fn locate_addends(
@@ -358,52 +119,6 @@ impl Epilogue<'_> {
     }
 }
 
-/// The fewest rows per thread of a GEMM that copies its input and is split by rows.
-const MIN_SPLIT_ROWS: usize = 16;
-
-/// A rectangle of the output matrix (`pixels x channels`) computed by one task.
-#[derive(Clone, Debug)]
-struct Block {
-    rows: Range<usize>,
-    cols: Range<usize>,
-}
-
-/// Splits `m x n` into tiles of about `tile_rows` rows, at least one per thread: by rows while
-/// there are enough, otherwise by columns as well (the small late layers at batch 1). Where
-/// the GEMM reads copies of its input (a band of lines, patch rows), each task copies its own
-/// rows' input, so those split by rows down to [`MIN_SPLIT_ROWS`] per thread: split by
-/// columns, every task would copy all of it. Column blocks start on multiples of `align`.
-fn blocks(
-    m: usize,
-    n: usize,
-    tile_rows: usize,
-    threads: usize,
-    align: usize,
-    copies_input: bool,
-) -> Vec<Block> {
-    let mut row_tiles = m.div_ceil(tile_rows).max(1);
-    let mut col_tiles = 1;
-    if row_tiles >= threads {
-        row_tiles = row_tiles.next_multiple_of(threads);
-    } else if copies_input && m >= threads * MIN_SPLIT_ROWS {
-        row_tiles = threads;
-    } else {
-        col_tiles = threads.min(n.div_ceil(align)).max(1);
-    }
-    let rows_per = m.div_ceil(row_tiles).max(1);
-    let cols_per = n.div_ceil(col_tiles).next_multiple_of(align);
-    let mut out = Vec::with_capacity(row_tiles * col_tiles);
-    for r0 in (0..m).step_by(rows_per) {
-        for c0 in (0..n).step_by(cols_per) {
-            out.push(Block {
-                rows: r0..(r0 + rows_per).min(m),
-                cols: c0..(c0 + cols_per).min(n),
-            });
-        }
-    }
-    out
-}
-
 /// The output buffer, written by the tasks in disjoint blocks.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -412,7 +127,10 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// `epilogue(sum of conv(input) over terms)`: all terms must give the same output size.
-pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
+///
+/// The GEMMs read the maps and write the output through raw pointers, so every shape and length
+/// they rely on is checked here first; a mismatch panics instead of reading out of bounds.
+pub(super) fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     let out_grid = |t: &Term| {
         let (h, w) = t.grid();
         (
@@ -422,26 +140,37 @@ pub fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
             t.conv.c_out(),
         )
     };
-    let first = &terms[0];
+    let first = terms
+        .first()
+        .expect("a convolution sum has at least one term");
     let (n, ho, wo, c_out) = out_grid(first);
+    let align = terms
+        .iter()
+        .map(|t| t.conv.weights.column_align())
+        .max()
+        .unwrap_or(1);
     for t in terms {
+        t.input.assert_whole();
         assert_eq!(
             out_grid(t),
             (n, ho, wo, c_out),
             "octave terms must produce the same output grid"
         );
         let appended = t.appended.map_or(0, |a| {
+            a.assert_whole();
+            assert_eq!(a.n, t.input.n, "appended images");
             assert_eq!((halved(a.h), halved(a.w)), t.grid(), "appended grid");
             a.c
         });
         assert_eq!(t.input.c + appended, t.conv.c_in, "input channels");
         assert!(!t.pooled || t.conv.reads_pooled(), "pooled on read");
+        assert_eq!(align % t.conv.weights.column_align(), 0, "column blocks");
     }
+    epilogue.assert_fits((n, ho, wo, c_out));
     let m = n * ho * wo;
     let mut data: Vec<f32> = Vec::with_capacity(m * c_out);
     let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
     let tile_rows = (TILE_FLOATS / depth).clamp(32, MOST_TILE_ROWS);
-    let align = first.conv.weights.column_align();
     let dst = OutPtr(data.as_mut_ptr());
     // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile, whatever
     // the batch, and a thread waiting here may run other callers' work: none of it is part of
@@ -536,116 +265,14 @@ fn gemm_block(
     });
 }
 
-/// Line `y` of image `image` of what `term`'s convolution reads, into `dst`: the input's line
-/// (pooled if the term pools), with the pooled appended map's channels after each pixel's.
-fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32]) {
-    let x = term.input;
-    let stride = x.c + term.appended.map_or(0, |a| a.c);
-    let start = (image * x.h + y) * x.w * x.c;
-    if term.pooled {
-        pooled_line(x, image, y, dst, stride);
-    } else if stride == x.c {
-        dst.copy_from_slice(&x.data[start..start + dst.len()]);
-    } else {
-        let line = x.data[start..].chunks_exact(x.c);
-        for (pixel, src) in dst.chunks_exact_mut(stride).zip(line) {
-            pixel[..x.c].copy_from_slice(src);
-        }
-    }
-    if let Some(appended) = term.appended {
-        pooled_line(appended, image, y, &mut dst[x.c..], stride);
-    }
-}
-
-/// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
-/// are copied once (pooled or stacked as the term reads them), with zero borders, into `band`,
-/// where tap `(ky, kx)` of every output pixel is the same step from the pixel's start; `run`
-/// multiplies them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band is plain
-/// rows, which either back end reads.
-fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(Lhs)) {
-    let conv = term.conv;
-    let (h, w) = term.grid();
-    let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
-    let (ho, wo) = (conv.out_len(h), conv.out_len(w));
-    let line_len = (w + 2 * pad) * c;
-    // The block's output lines image by image (the first image from the block's first line,
-    // the last to its last line), each image's with the `k - 1` input lines they overlap.
-    let (first, last) = (rows.start, rows.end - 1);
-    let (first_image, first_line) = (first / (ho * wo), first / wo % ho);
-    let (last_image, last_line) = (last / (ho * wo), last / wo % ho);
-    let lines = |image: usize| {
-        let from = if image == first_image { first_line } else { 0 };
-        let to = if image == last_image {
-            last_line + 1
-        } else {
-            ho
-        };
-        from..to
-    };
-    // Where an image's lines start in the band: after the first image's, whole images.
-    let band_start = |image: usize| match image - first_image {
-        0 => 0,
-        later => (lines(first_image).len() + (later - 1) * ho + later * (k - 1)) * line_len,
-    };
-    let len = band_start(last_image + 1);
-    if band.len() < len {
-        band.resize(len, 0.);
-    }
-    for image in first_image..=last_image {
-        let (lines, start) = (lines(image), band_start(image));
-        let band_lines =
-            band[start..start + (lines.len() + k - 1) * line_len].chunks_exact_mut(line_len);
-        for (dst, y) in band_lines.zip(lines.start as isize - pad as isize..) {
-            if y < 0 || y >= h as isize {
-                dst.fill(0.);
-                continue;
-            }
-            let (border, inner) = (pad * c, w * c);
-            read_line(term, image, y as usize, &mut dst[border..border + inner]);
-            dst[..border].fill(0.);
-            dst[border + inner..].fill(0.);
-        }
-    }
-    let band = &band[..];
-    if k == 1 {
-        let skipped = (rows.start % wo) * c;
-        return run(Lhs::Rows {
-            a: band[skipped..].as_ptr(),
-            lda: c,
-            in_map: false,
-        });
-    }
-    STARTS.with_borrow_mut(|starts| {
-        starts.clear();
-        starts.resize(rows.len(), std::ptr::null());
-        let (mut image, mut oy, mut ox) = (first_image, first_line, first % wo);
-        let mut line = (oy - lines(image).start) * line_len;
-        // Output line by output line: within one, the starts are `c` apart.
-        let mut rest = &mut starts[..];
-        while !rest.is_empty() {
-            let (this_line, later) = rest.split_at_mut((wo - ox).min(rest.len()));
-            kernel::fill_strided(this_line, band[line + ox * c..].as_ptr(), c);
-            rest = later;
-            (ox, oy) = (0, oy + 1);
-            line += line_len;
-            if oy == ho {
-                (oy, image) = (0, image + 1);
-                line = band_start(image);
-            }
-        }
-        let taps = conv.tap_offsets(w + 2 * pad);
-        run(Lhs::Taps {
-            starts,
-            taps: &taps,
-        });
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     use super::*;
+    use crate::model::fast::kernel::Kernel;
+    use crate::model::fast::map::avg_pool2x2;
+    use crate::model::fast::packed::PackedConv;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: usize) -> Vec<f32> {
@@ -655,13 +282,7 @@ mod tests {
     }
 
     fn map(n: usize, h: usize, w: usize, c: usize, seed: usize) -> Map {
-        Map {
-            n,
-            h,
-            w,
-            c,
-            data: values(n * h * w * c, seed),
-        }
+        Map::from_nhwc(values(n * h * w * c, seed), n, h, w, c)
     }
 
     /// Every GEMM back end this CPU has.
@@ -710,7 +331,7 @@ mod tests {
         gemm: Kernel,
     ) -> PackedConv {
         let t = Tensor::from_vec(weight.to_vec(), (c_out, c_in, k, k), &Device::Cpu).unwrap();
-        PackedConv::for_kernel(&t, s, p, gemm).unwrap()
+        PackedConv::new(&t, s, p, gemm).unwrap()
     }
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
@@ -759,6 +380,69 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The GEMMs read the addends, bias and inputs by pointer: `conv_sum` refuses any whose
+    /// shape or length does not fit the output, with a message, before anything is read.
+    #[test]
+    fn conv_sum_refuses_addends_and_maps_that_do_not_fit() {
+        let x = map(2, 6, 5, 4, 1);
+        let conv = packed(&values(8 * 4 * 9, 2), 8, 4, 3, 1, 1, kernels()[0]);
+        let (fits, bias) = (map(2, 6, 5, 8, 3), values(8, 4));
+        let (low, short_bias) = (map(2, 3, 3, 8, 5), values(7, 4));
+        let (wrong_residual, wrong_low) = (map(2, 6, 4, 8, 3), map(2, 3, 2, 8, 5));
+        let mut truncated = x.clone();
+        truncated.data.pop();
+        let refusal = |input: &Map, epilogue: Epilogue| {
+            let run = || conv_sum(&[Term::of(&conv, input)], &epilogue);
+            let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .expect_err("conv_sum must refuse");
+            match panic.downcast::<String>() {
+                Ok(message) => *message,
+                Err(panic) => panic.downcast_ref::<&str>().unwrap_or(&"").to_string(),
+            }
+        };
+        let fitting = Epilogue {
+            bias: &bias,
+            residual: Some(&fits),
+            upsampled: Some(&low),
+            relu: true,
+        };
+        assert_eq!(
+            conv_sum(&[Term::of(&conv, &x)], &fitting).data.len(),
+            2 * 30 * 8
+        );
+        let cases = [
+            (
+                &x,
+                Epilogue {
+                    residual: Some(&wrong_residual),
+                    ..Epilogue::default()
+                },
+                "residual shape",
+            ),
+            (
+                &x,
+                Epilogue {
+                    upsampled: Some(&wrong_low),
+                    ..Epilogue::default()
+                },
+                "upsampled shape",
+            ),
+            (
+                &x,
+                Epilogue {
+                    bias: &short_bias,
+                    ..Epilogue::default()
+                },
+                "one bias per output channel",
+            ),
+            (&truncated, Epilogue::default(), "feature map length"),
+        ];
+        for (input, epilogue, message) in cases {
+            let got = refusal(input, epilogue);
+            assert!(got.contains(message), "{message}: {got}");
         }
     }
 
@@ -871,32 +555,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn blocks_cover_the_matrix_once_and_split_by_columns_only_where_rows_are_few() {
-        let cases = [(3136, 64, 455, 2), (49, 512, 56, 2), (10, 10, 512, 2)];
-        for (&(m, n, tile, threads), copies_input) in
-            cases.iter().flat_map(|c| [(c, false), (c, true)])
-        {
-            let bs = blocks(m, n, tile, threads, 32, copies_input);
-            let mut seen = vec![0u8; m * n];
-            for b in &bs {
-                assert_eq!(b.cols.start % 32, 0);
-                for r in b.rows.clone() {
-                    for c in b.cols.clone() {
-                        seen[r * n + c] += 1;
-                    }
-                }
-            }
-            assert!(seen.iter().all(|&s| s == 1), "{m}x{n}");
-            assert!(bs.len() >= threads.min(n.div_ceil(32)), "{m}x{n}: {bs:?}");
-            // Whole rows per task where there are enough rows (the 7x7 map is enough for a
-            // GEMM that copies its input) or one column block.
-            let by_rows = bs.iter().all(|b| b.cols == (0..n));
-            let enough = m > tile || (copies_input && m >= threads * MIN_SPLIT_ROWS);
-            assert_eq!(by_rows, enough || n <= 32, "{m}x{n}: {bs:?}");
         }
     }
 }

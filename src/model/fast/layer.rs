@@ -3,9 +3,11 @@
 
 use candle_core::{Result, Tensor};
 
-use super::conv::{conv_sum, Epilogue, PackedConv, Term};
+use super::calibrate;
+use super::conv::{conv_sum, Epilogue};
 use super::map::{avg_pool2x2, Map};
-use crate::model::layers::Conv2d;
+use super::packed::PackedConv;
+use super::term::Term;
 
 /// An octave feature map on the fast path; vanilla maps have no low part.
 #[derive(Clone, Debug)]
@@ -33,13 +35,24 @@ impl OctMap {
     }
 }
 
+/// One BatchNorm-folded convolution as the fast path takes it: PyTorch's `[c_out, c_in / groups,
+/// k, k]` weight, an optional per-output-channel bias, and its geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvWeights<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+}
+
 /// The convolutions of one unit, by the branch they connect.
 #[derive(Default)]
 pub struct Branches<'a> {
-    pub h2h: Option<&'a Conv2d>,
-    pub h2l: Option<&'a Conv2d>,
-    pub l2h: Option<&'a Conv2d>,
-    pub l2l: Option<&'a Conv2d>,
+    pub h2h: Option<ConvWeights<'a>>,
+    pub h2l: Option<ConvWeights<'a>>,
+    pub l2h: Option<ConvWeights<'a>>,
+    pub l2l: Option<ConvWeights<'a>>,
 }
 
 /// A folded conv unit (conv, BatchNorm, optional ReLU) ready for [`conv_sum`].
@@ -68,10 +81,10 @@ pub struct FastLayer {
 
 impl FastLayer {
     pub fn new(name: &str, convs: Branches, pool_first: bool, relu: bool) -> Result<Self> {
-        let pack = |c: Option<&Conv2d>| c.map(packed).transpose();
-        let bias = |a: Option<&Conv2d>, b: Option<&Conv2d>| -> Result<Vec<f32>> {
+        let pack = |c: Option<ConvWeights>| c.map(packed).transpose();
+        let bias = |a: Option<ConvWeights>, b: Option<ConvWeights>| -> Result<Vec<f32>> {
             let mut sum = Vec::new();
-            for bias in [a, b].into_iter().flatten().filter_map(Conv2d::bias) {
+            for bias in [a, b].into_iter().flatten().filter_map(|c| c.bias) {
                 let bias: Vec<f32> = bias.to_vec1()?;
                 sum.resize(bias.len(), 0.);
                 sum.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
@@ -103,7 +116,7 @@ impl FastLayer {
             l2l: unless(&low_joint, convs.l2l)?,
             low_joint,
             high_joint,
-            in_channels: convs.h2h.map_or(0, |c| c.weight().dims()[1]),
+            in_channels: convs.h2h.map_or(0, |c| c.weight.dims()[1]),
             pool_first,
             relu,
         })
@@ -197,30 +210,29 @@ impl FastLayer {
 /// `low` (L->L or L->H) and `high` (H->L or H->H) as one convolution over stacked input
 /// channels, low first, where both have the same geometry and the stacked one reads its input
 /// line by line (so it can stack the lines).
-fn joint(low: &Conv2d, high: &Conv2d) -> Result<Option<PackedConv>> {
+fn joint(low: ConvWeights, high: ConvWeights) -> Result<Option<PackedConv>> {
     // Everything but the input channels (which differ where alpha != 0.5) must agree.
-    let geometry = |c: &Conv2d| {
-        let dims = c.weight().dims();
-        (
-            dims[0],
-            dims[2],
-            dims[3],
-            c.stride(),
-            c.padding(),
-            c.groups(),
-        )
+    let geometry = |c: ConvWeights| {
+        let dims = c.weight.dims();
+        (dims[0], dims[2], dims[3], c.stride, c.padding, c.groups)
     };
-    if geometry(low) != geometry(high) || low.groups() != 1 {
+    if geometry(low) != geometry(high) || low.groups != 1 {
         return Ok(None);
     }
-    let weight = Tensor::cat(&[low.weight(), high.weight()], 1)?;
-    let conv = PackedConv::new(&weight, low.stride(), low.padding())?;
+    let weight = Tensor::cat(&[low.weight, high.weight], 1)?;
+    let conv = PackedConv::new(
+        &weight,
+        low.stride,
+        low.padding,
+        calibrate::for_conv(weight.dim(0)?),
+    )?;
     Ok(conv.reads_pooled().then_some(conv))
 }
 
-fn packed(conv: &Conv2d) -> Result<PackedConv> {
-    if conv.groups() != 1 {
+fn packed(conv: ConvWeights) -> Result<PackedConv> {
+    if conv.groups != 1 {
         candle_core::bail!("fast path: grouped convolutions are not supported");
     }
-    PackedConv::new(conv.weight(), conv.stride(), conv.padding())
+    let kernel = calibrate::for_conv(conv.weight.dim(0)?);
+    PackedConv::new(conv.weight, conv.stride, conv.padding, kernel)
 }

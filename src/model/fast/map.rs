@@ -7,16 +7,18 @@ use std::ops::Range;
 
 use super::threads;
 use crate::alloc::uncounted;
-use crate::model::layers::halved;
+use crate::model::grid::halved;
 
-/// A batch of feature maps, `data[((n * h + y) * w + x) * c + ch]`.
+/// A batch of feature maps, `data[((n * h + y) * w + x) * c + ch]`. `data` holds exactly
+/// `n * h * w * c` floats: the constructors make it so, and the convolutions, which read it by
+/// pointer, check it ([`Map::assert_whole`]). Only the fast path builds or changes one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Map {
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub data: Vec<f32>,
+    pub(super) n: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) c: usize,
+    pub(super) data: Vec<f32>,
 }
 
 /// Work below this many floats is not worth handing to another thread.
@@ -31,6 +33,25 @@ impl Map {
             c,
             data: vec![0.; n * h * w * c],
         }
+    }
+
+    /// From NHWC data; panics unless it holds `n * h * w * c` floats.
+    pub fn from_nhwc(data: Vec<f32>, n: usize, h: usize, w: usize, c: usize) -> Self {
+        let map = Self { n, h, w, c, data };
+        map.assert_whole();
+        map
+    }
+
+    /// Panics unless `data` holds exactly the map's `n * h * w * c` floats.
+    pub fn assert_whole(&self) {
+        assert_eq!(
+            Some(self.data.len()),
+            self.n
+                .checked_mul(self.h)
+                .and_then(|p| p.checked_mul(self.w))
+                .and_then(|p| p.checked_mul(self.c)),
+            "feature map length"
+        );
     }
 
     pub fn pixels(&self) -> usize {
@@ -104,7 +125,7 @@ impl Map {
 }
 
 /// 2x2 average pool, stride 2, ceil mode: a window cut by the border averages what it covers
-/// (as [`crate::model::layers::avg_pool2x2`]).
+/// (as the candle form of the networks pools).
 pub fn avg_pool2x2(x: &Map) -> Map {
     let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
     out.fill_rows(|image, oy, row| pooled_line(x, image, oy, row, x.c));

@@ -5,7 +5,7 @@
 //! nets, whose four small convolutions per layer cost as many of those passes as one big one,
 //! that overhead is why they ran slower than their vanilla twins. Here:
 //!
-//! - weights are laid out once, at load, as GEMM right-hand matrices ([`conv::PackedConv`]);
+//! - weights are laid out once, at load, as GEMM right-hand matrices ([`packed::PackedConv`]);
 //! - maps stay NHWC from the stem to the classifier, so 1x1 convolutions are plain GEMMs on
 //!   the map and kxk ones build their patch rows tile by tile in cache;
 //! - the convolutions feeding one frequency branch accumulate into the same output tile, and
@@ -19,20 +19,28 @@
 //! [`FastNet`] is a candle [`CustomOp1`]: `Model::forward` applies it to the input tensor on
 //! the CPU, and runs the plain candle network on other devices and dtypes.
 
-pub mod conv;
+mod band;
+mod calibrate;
+mod conv;
 mod kernel;
-pub mod layer;
-pub mod map;
+mod layer;
+pub(crate) mod map;
+mod packed;
+mod term;
 mod threads;
+mod tiles;
 
 use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::alloc::{credit_peak, measure_peak};
-use conv::{conv_sum, Epilogue, PackedConv, Term};
-use layer::{FastLayer, OctMap};
+use conv::{conv_sum, Epilogue};
+use layer::OctMap;
+pub use layer::{Branches, ConvWeights, FastLayer};
 use map::{global_avg_pool, max_pool3x3s2p1, Map};
+use packed::PackedConv;
+use term::Term;
 
 /// A residual block: `relu(last(...first(x)) + shortcut(x))`.
 #[derive(Clone, Debug)]
@@ -66,7 +74,7 @@ impl FastNet {
             stem,
             stem_pool,
             blocks,
-            fc: PackedConv::linear(fc_weight)?,
+            fc: PackedConv::linear(fc_weight, calibrate::for_linear(fc_weight.dim(0)?))?,
             fc_bias: fc_bias
                 .map(|b| b.to_vec1())
                 .transpose()?
@@ -77,12 +85,12 @@ impl FastNet {
     /// NHWC input -> `[n, classes]` logits, row-major. Every map is freed as soon as its last
     /// reader is done, so the peak is at most what the cost walk counts (less where the early
     /// layers run image by image).
-    pub fn forward(&self, x: Map) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: Map) -> Vec<f32> {
         self.run(x, None)
     }
 
     /// The forward pass with the time each layer took.
-    pub fn profile(&self, x: Map) -> (Vec<f32>, LayerTimes) {
+    pub(crate) fn profile(&self, x: Map) -> (Vec<f32>, LayerTimes) {
         let mut times = Vec::new();
         let logits = self.run(x, Some(&mut times));
         (logits, times)
@@ -199,13 +207,7 @@ impl FastNet {
 
     fn head(&self, x: OctMap, laps: &mut Laps<'_>) -> Vec<f32> {
         let pooled = global_avg_pool(&x.high);
-        let features = Map {
-            n: x.high.n,
-            h: 1,
-            w: 1,
-            c: x.high.c,
-            data: pooled,
-        };
+        let features = Map::from_nhwc(pooled, x.high.n, 1, 1, x.high.c);
         let term = Term::of(&self.fc, &features);
         let epilogue = Epilogue {
             bias: &self.fc_bias,
