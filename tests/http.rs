@@ -557,28 +557,11 @@ async fn a_request_during_the_drain_is_refused_and_accepted_ones_are_answered() 
 #[tokio::test]
 async fn tritonclient_http_works_unchanged_against_the_shipped_models() {
     let server = TestServer::start(ServeConfig::default(), &shipped_models()).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tools/interop/kserve_tritonclient_http.py"
-    );
-    let url = server.http.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args([script, "--url", &url])
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "tritonclient.http checks failed (needs `pip install -r tools/interop/requirements.txt`, \
-         which .ci/run does):\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("all tritonclient.http checks passed"),
-        "{stdout}"
-    );
+    let args = vec!["--url".into(), server.http.to_string()];
+    common::interop(
+        "kserve_tritonclient_http.py",
+        args,
+        "all tritonclient.http checks passed",
+    )
+    .await;
 }

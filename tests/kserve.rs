@@ -338,28 +338,11 @@ async fn bad_requests_get_invalid_argument_and_are_counted() {
 #[tokio::test]
 async fn tritonclient_works_unchanged_against_the_shipped_models() {
     let server = TestServer::start(ServeConfig::default(), &shipped_models()).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tools/interop/kserve_tritonclient.py"
-    );
-    let url = server.grpc.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args([script, "--url", &url])
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "tritonclient checks failed (needs `pip install -r tools/interop/requirements.txt`, \
-         which .ci/run does):\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("all tritonclient checks passed"),
-        "{stdout}"
-    );
+    let args = vec!["--url".into(), server.grpc.to_string()];
+    common::interop(
+        "kserve_tritonclient.py",
+        args,
+        "all tritonclient checks passed",
+    )
+    .await;
 }

@@ -438,27 +438,20 @@ async fn tritonclient_repository_checks(http: bool) {
     };
     let models = models_dir(model, &[VANILLA, OCTAVE]);
     let server = start(models.path(), ModelControl::Explicit).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tools/interop/repository_tritonclient.py"
-    );
-    let mut args = vec![script.to_string(), "--model".into(), model.into()];
     let url = if http { server.http } else { server.grpc };
-    args.extend(["--url".into(), url.to_string()]);
+    let mut args = vec![
+        "--model".into(),
+        model.into(),
+        "--url".into(),
+        url.to_string(),
+    ];
     if http {
         args.push("--http".into());
     }
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3").args(&args).output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "tritonclient repository checks failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("all repository checks passed"), "{stdout}");
+    common::interop(
+        "repository_tritonclient.py",
+        args,
+        "all repository checks passed",
+    )
+    .await;
 }

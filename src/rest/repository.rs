@@ -79,42 +79,56 @@ pub async fn index(State(app): State<Arc<App>>, request: Request) -> Response {
     }
 }
 
-pub async fn load(
-    State(app): State<Arc<App>>,
-    Path(model): Path<String>,
-    request: Request,
-) -> Response {
-    let parameters = match body::<ChangeRequest>(request).await {
-        Ok(body) => grpc_parameters(body.parameters),
-        Err(response) => return response,
-    };
-    let request = tonic::Request::new(RepositoryModelLoadRequest {
-        repository_name: String::new(),
-        model_name: model,
-        parameters,
-    });
-    match app.inference.repository_model_load(request).await {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(status) => from_status(status),
-    }
+pub async fn load(app: State<Arc<App>>, Path(model): Path<String>, request: Request) -> Response {
+    change(app, model, request, Change::Load).await
 }
 
-pub async fn unload(
+pub async fn unload(app: State<Arc<App>>, Path(model): Path<String>, request: Request) -> Response {
+    change(app, model, request, Change::Unload).await
+}
+
+enum Change {
+    Load,
+    Unload,
+}
+
+/// A load or unload call: 200 with an empty body once done, as Triton answers.
+async fn change(
     State(app): State<Arc<App>>,
-    Path(model): Path<String>,
+    model: String,
     request: Request,
+    change: Change,
 ) -> Response {
     let parameters = match body::<ChangeRequest>(request).await {
         Ok(body) => grpc_parameters(body.parameters),
         Err(response) => return response,
     };
-    let request = tonic::Request::new(RepositoryModelUnloadRequest {
-        repository_name: String::new(),
-        model_name: model,
-        parameters,
-    });
-    match app.inference.repository_model_unload(request).await {
-        Ok(_) => StatusCode::OK.into_response(),
+    let done = match change {
+        Change::Load => {
+            let request = RepositoryModelLoadRequest {
+                repository_name: String::new(),
+                model_name: model,
+                parameters,
+            };
+            app.inference
+                .repository_model_load(tonic::Request::new(request))
+                .await
+                .map(drop)
+        }
+        Change::Unload => {
+            let request = RepositoryModelUnloadRequest {
+                repository_name: String::new(),
+                model_name: model,
+                parameters,
+            };
+            app.inference
+                .repository_model_unload(tonic::Request::new(request))
+                .await
+                .map(drop)
+        }
+    };
+    match done {
+        Ok(()) => StatusCode::OK.into_response(),
         Err(status) => from_status(status),
     }
 }

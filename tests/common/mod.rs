@@ -195,3 +195,29 @@ pub fn trouser_png() -> Vec<u8> {
 pub fn shipped_models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
 }
+
+/// Runs `tools/interop/<script>` with `args` and asserts it passed: exit status 0 and `passed`
+/// in its output. The Python clients come from `tools/interop/requirements.txt` (`.ci/run`
+/// installs them).
+pub async fn interop(script: &str, args: Vec<String>, passed: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools/interop")
+        .join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(path)
+            .args(args)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed (needs `pip install -r tools/interop/requirements.txt`, which .ci/run \
+         does):\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(passed), "{stdout}");
+}
