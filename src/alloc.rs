@@ -68,8 +68,8 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
 /// Tells glibc's malloc to keep freed feature maps for reuse instead of handing them back to
 /// the kernel: by default it maps every block over 128 KiB afresh and trims the heap's free top,
-/// so each pass page-faults its maps in again (resnet20 at batch 32 spent ~10% of its time
-/// there, oct-resnet20 ~20%: BENCHMARKS.md). Blocks up to 32 MiB (glibc's most) now come from
+/// so each pass page-faults its maps in again, a cost the small nets feel most at large
+/// batches (docs/performance.md). Blocks up to 32 MiB (glibc's most) now come from
 /// the heap, and up to 256 MiB of free heap is kept. `MALLOC_MMAP_THRESHOLD_` or
 /// `MALLOC_TRIM_THRESHOLD_` in the environment wins over this.
 pub fn keep_freed_memory() {

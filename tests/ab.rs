@@ -174,8 +174,9 @@ fn shipped_top1(arch: &str, alpha: f64, weights: &str, images: &[Vec<u8>]) -> Ve
 
 #[tokio::test]
 async fn a_slow_shadow_adds_nothing_to_the_answer_and_reports_agreement() {
-    // The shipped vanilla and octave weights answer and shadow; the octave shadow waits
-    // 400 ms for each batch: artificially slow.
+    // The shipped vanilla and octave weights answer and shadow; the octave shadow's batches
+    // hold every request (128 > 100) and leave only after 400 ms: artificially slow, by about
+    // 200 ms per request on average however fast the requests come.
     let weights = |file: &str| shipped_models().join("fashion-mnist").join(file);
     let text = format!(
         r#"name = "shadowed"
@@ -205,7 +206,7 @@ arch = "oct-resnet20"
 alpha = 0.5
 weights = "{octave}"
 routing_weight = 0
-batching = {{ max_batch_size = 32, max_queue_delay_us = 400000, max_queue_size = 1024, dispatch = "after_delay" }}
+batching = {{ max_batch_size = 128, max_queue_delay_us = 400000, max_queue_size = 1024, dispatch = "after_delay" }}
 "#,
         labels = (0..10)
             .map(|i| format!("\"c{i}\""))

@@ -26,7 +26,7 @@ pub fn for_linear(classes: usize) -> Kernel {
 /// CPU, measured once per process on three of ResNet-50's (a 3x3 at 56x56 and at 14x14, a 1x1
 /// at 14x14, one image), the back ends alternating, fastest of five each. Which wins depends on
 /// the core, not just on its vector width: on Intel's AVX-512 cores the crate's larger register
-/// tiles did, on AMD's Zen 4 ours did, taps read in place (BENCHMARKS.md).
+/// tiles did, on AMD's Zen 4 ours did, taps read in place.
 fn faster_for_wide(ours: Kernel) -> Kernel {
     static FASTER: OnceLock<Kernel> = OnceLock::new();
     *FASTER.get_or_init(|| {

@@ -140,8 +140,7 @@ impl FastNet {
     /// Runs the stem and the leading blocks whose input has at least [`PER_IMAGE_FROM`] pixels
     /// per image one image at a time, and stacks the results; returns them with the number of
     /// blocks run. One image gives those layers' GEMMs whole tiles of rows, so more images at
-    /// once only make maps that outgrow the caches: Oct-ResNet-50's share of a batch of 8 ran
-    /// 5% faster this way, ResNet-50's as fast (BENCHMARKS.md).
+    /// once only make maps that outgrow the caches (docs/performance.md).
     fn leading_image_by_image(&self, mut x: Map, laps: &mut Laps<'_>) -> (OctMap, usize) {
         let large = |y: &Map| y.h * y.w >= PER_IMAGE_FROM;
         if x.n == 1 || !large(&x) {

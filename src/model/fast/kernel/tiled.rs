@@ -155,10 +155,8 @@ pub struct Tile<'a> {
     pub a: [*const f32; MR],
     /// The next strip's A rows (then nulls), or null for none: the kernel prefetches their
     /// lines as it steps through K. A strip of a narrow GEMM passes over few panels, so it
-    /// waits on memory for A. On Zen 3 a C replica of this loop ran Oct-ResNet-50 layer1's
-    /// 1x1 shape at batch 4 (12544 x 128 x 32) 1.5-1.7 times as fast with it, and those convs
-    /// in the net about 10% faster; on Zen 4's AVX-512 kernels it made both ResNet-50s about 5%
-    /// faster at batch 8 (BENCHMARKS.md).
+    /// waits on memory for A: prefetching the next strip's rows while this one computes hides
+    /// most of that wait.
     pub next: *const [*const f32; MR],
     pub b: *const f32,
     pub c: *mut f32,
