@@ -96,35 +96,43 @@ impl ServingState {
         self.registry.get().ok_or(ServeError::Loading)
     }
 
-    /// Loads (or reloads) the model called `name` from the repository, on the blocking pool.
+    /// Loads (or reloads) the model called `name` from the repository.
     pub async fn load_model(&self, name: &str) -> Result<Change, ServeError> {
-        let registry = self.registry()?.clone();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || registry.load(&name))
-            .await
-            .map_err(|e| ServeError::Internal(format!("model load task: {e}")))?
+        self.off_runtime("model load", move |r| r.load(&name))
+            .await?
     }
 
-    /// Unloads the model called `name` (waiting, off the runtime, for a change in progress).
+    /// Unloads the model called `name`.
     pub async fn unload_model(&self, name: &str) -> Result<(), ServeError> {
-        let registry = self.registry()?.clone();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || registry.unload_by_client(&name))
-            .await
-            .map_err(|e| ServeError::Internal(format!("model unload task: {e}")))?
+        self.off_runtime("model unload", move |r| r.unload_by_client(&name))
+            .await?
     }
 
     /// The repository index (see [`Registry::index`]), only READY entries when `ready`.
     pub async fn repository_index(&self, ready: bool) -> Result<Vec<IndexEntry>, ServeError> {
-        let registry = self.registry()?.clone();
-        let mut index = tokio::task::spawn_blocking(move || registry.index())
-            .await
-            .map_err(|e| ServeError::Internal(format!("repository index task: {e}")))?
+        let mut index = self
+            .off_runtime("repository index", |r| r.index())
+            .await?
             .map_err(|e| ServeError::Internal(format!("reading the repository: {e}")))?;
         if ready {
             index.retain(|e| e.state == ModelState::Ready);
         }
         Ok(index)
+    }
+
+    /// Runs `job` on the registry on the blocking pool: it reads manifests and weights, and
+    /// waits for a repository change in progress.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        what: &str,
+        job: impl FnOnce(&Registry) -> T + Send + 'static,
+    ) -> Result<T, ServeError> {
+        let registry = self.registry()?.clone();
+        tokio::task::spawn_blocking(move || job(&registry))
+            .await
+            .map_err(|e| ServeError::Internal(format!("{what} task: {e}")))
     }
 
     /// Admits a request unless the server is draining.

@@ -500,24 +500,14 @@ async fn metrics_show_from_the_first_scrape_and_measure_the_savings() {
 
 /// `octserve inspect --json` for the toy models' input (1x28x28, 10 classes).
 fn inspect(model: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_octserve"))
-        .arg("inspect")
-        .args(model)
-        .args([
-            "--input-size",
-            "28",
-            "--in-channels",
-            "1",
-            "--num-classes",
-            "10",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let size = [
+        "--input-size",
+        "28",
+        "--in-channels",
+        "1",
+        "--num-classes",
+        "10",
+        "--json",
+    ];
+    common::octserve_json(["inspect"].iter().chain(model).chain(&size))
 }

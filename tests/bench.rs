@@ -1,6 +1,8 @@
 //! `octserve bench --parity`: the check the GPU script relies on, run here on the CPU, where the
 //! benchmarked model is the fast path and the reference the plain candle network.
 
+mod common;
+
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
@@ -11,26 +13,20 @@ use octserve::model::{Model, ModelConfig};
 
 /// `octserve bench` on a small net (batch 4, 28x28, 2 threads) with `extra` flags: its JSON report.
 fn bench_json(arch: &str, extra: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_octserve"))
-        .args(["--threads", "2", "bench", "--arch", arch])
-        .args([
-            "--input-size",
-            "28",
-            "--in-channels",
-            "1",
-            "--num-classes",
-            "10",
-        ])
-        .args(["--batch-size", "4", "--json"])
-        .args(extra)
-        .output()
-        .expect("octserve runs");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON report")
+    common::octserve_json(
+        ["--threads", "2", "bench", "--arch", arch]
+            .iter()
+            .chain(&[
+                "--input-size",
+                "28",
+                "--in-channels",
+                "1",
+                "--num-classes",
+                "10",
+            ])
+            .chain(&["--batch-size", "4", "--json"])
+            .chain(extra),
+    )
 }
 
 fn bench_parity(arch: &str, dtype: &str) -> Value {

@@ -2,7 +2,7 @@
 //! floor that the GPU check holds the CUDA memory pool's watermark to, checked here against
 //! what the plain candle network really allocates, and `octserve bench`'s report of both.
 
-use std::process::Command;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -72,25 +72,27 @@ fn the_analytic_floor_scales_with_the_batch_and_the_dtype() {
 
 /// `octserve bench` on a small net at `batch` in `dtype`: its JSON report.
 fn bench(arch: &str, batch: usize, dtype: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_octserve"))
-        .args(["--threads", "2", "bench", "--arch", arch, "--input-size"])
-        .arg(SIDE.to_string())
-        .args(["--in-channels", "1", "--num-classes", "10", "--iters", "2"])
-        .args([
-            "--batch-size",
-            &batch.to_string(),
-            "--dtype",
-            dtype,
-            "--json",
-        ])
-        .output()
-        .expect("octserve runs");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON report")
+    let (side, batch) = (SIDE.to_string(), batch.to_string());
+    common::octserve_json([
+        "--threads",
+        "2",
+        "bench",
+        "--arch",
+        arch,
+        "--input-size",
+        &side,
+        "--in-channels",
+        "1",
+        "--num-classes",
+        "10",
+        "--iters",
+        "2",
+        "--batch-size",
+        &batch,
+        "--dtype",
+        dtype,
+        "--json",
+    ])
 }
 
 fn bytes(report: &Value, key: &str) -> u64 {

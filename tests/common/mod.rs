@@ -221,3 +221,21 @@ pub async fn interop(script: &str, args: Vec<String>, passed: &str) {
     );
     assert!(stdout.contains(passed), "{stdout}");
 }
+
+/// Runs the `octserve` binary with `args` (a `--json` command) and returns the JSON it prints.
+pub fn octserve_json<I, S>(args: I) -> serde_json::Value
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_octserve"))
+        .args(args)
+        .output()
+        .expect("octserve runs");
+    assert!(
+        out.status.success(),
+        "octserve failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
