@@ -139,13 +139,7 @@ fn sample_pngs() -> Vec<Vec<u8>> {
 /// The top-1 class of each image on a shipped variant, computed here without the server: the
 /// crate's preprocessing and the plain (unfolded) candle network, not the served fast path.
 fn shipped_top1(arch: &str, alpha: f64, weights: &str, images: &[Vec<u8>]) -> Vec<usize> {
-    let spec = InputSpec {
-        channels: 1,
-        height: 28,
-        width: 28,
-        mean: vec![0.2860],
-        std: vec![0.3530],
-    };
+    let spec = common::fashion_mnist_input();
     let path = shipped_models().join("fashion-mnist").join(weights);
     let vb =
         unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
@@ -500,14 +494,11 @@ async fn metrics_show_from_the_first_scrape_and_measure_the_savings() {
 
 /// `octserve inspect --json` for the toy models' input (1x28x28, 10 classes).
 fn inspect(model: &[&str]) -> serde_json::Value {
-    let size = [
-        "--input-size",
-        "28",
-        "--in-channels",
-        "1",
-        "--num-classes",
-        "10",
-        "--json",
-    ];
-    common::octserve_json(["inspect"].iter().chain(model).chain(&size))
+    common::octserve_json(
+        ["inspect"]
+            .iter()
+            .chain(model)
+            .chain(&common::TOY_SHAPE_FLAGS)
+            .chain(&["--json"]),
+    )
 }

@@ -16,14 +16,7 @@ fn bench_json(arch: &str, extra: &[&str]) -> Value {
     common::octserve_json(
         ["--threads", "2", "bench", "--arch", arch]
             .iter()
-            .chain(&[
-                "--input-size",
-                "28",
-                "--in-channels",
-                "1",
-                "--num-classes",
-                "10",
-            ])
+            .chain(&common::TOY_SHAPE_FLAGS)
             .chain(&["--batch-size", "4", "--json"])
             .chain(extra),
     )
@@ -103,14 +96,7 @@ fn bench_logits_out_holds_the_input_and_the_models_logits_for_it() {
         .var_builder(DType::F32, &Device::Cpu)
         .unwrap();
     let reference = Model::new(config, vb).unwrap().forward(input).unwrap();
-    let diff = (reference - logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&reference, logits);
     assert!(diff < 1e-3, "max |diff| {diff}");
     let spread = logits.max_all().unwrap().to_scalar::<f32>().unwrap()
         - logits.min_all().unwrap().to_scalar::<f32>().unwrap();
@@ -131,14 +117,7 @@ fn random_twins_share_their_weights() {
         .build_twins(DType::F32, &Device::Cpu, |vb| Model::new(config, vb))
         .unwrap();
     let x = Tensor::randn(0f32, 1., (2, 1, 28, 28), &Device::Cpu).unwrap();
-    let diff = (a.forward(&x).unwrap() - b.forward(&x).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a.forward(&x).unwrap(), &b.forward(&x).unwrap());
     assert_eq!(diff, 0.0);
     // Two independent random models differ: the equality above is the shared draw.
     let other = WeightSource::Random

@@ -90,6 +90,23 @@ async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> Reply {
     send(addr, request(Method::POST, path, &[], body)).await
 }
 
+/// Posts an infer request in the binary tensor data form (the JSON `header`, then `data`)
+/// and asserts it was answered 200.
+async fn post_binary(addr: SocketAddr, path: &str, header: &Value, data: Vec<u8>) -> Reply {
+    let header = serde_json::to_vec(header).unwrap();
+    let length = header.len().to_string();
+    let headers = [("inference-header-content-length", length.as_str())];
+    let body = [header, data].concat();
+    let reply = send(addr, request(Method::POST, path, &headers, body)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply
+}
+
 /// The first `n` Fashion-MNIST test images, normalised as the model takes them, and labels.
 fn test_images(n: usize) -> (Vec<Vec<f32>>, Vec<usize>) {
     let data = load_test_set(Path::new(DATA)).expect("apt-get install dataset-fashion-mnist");
@@ -222,19 +239,9 @@ async fn json_and_binary_bodies_classify_real_test_images_like_grpc() {
                     "parameters": {"binary_data_size": 16 * 784 * 4}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}],
     });
-    let header = serde_json::to_vec(&header).unwrap();
-    let mut body = header.clone();
-    body.extend(images.iter().flatten().flat_map(|v| v.to_le_bytes()));
-    let length = header.len().to_string();
-    let headers = [("inference-header-content-length", length.as_str())];
+    let data = images.iter().flatten().flat_map(|v| v.to_le_bytes());
     let path = "/v2/models/fashion-mnist/versions/octave/infer";
-    let reply = send(server.http, request(Method::POST, path, &headers, body)).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    let reply = post_binary(server.http, path, &header, data.collect()).await;
     let json_length: usize = reply.headers["inference-header-content-length"]
         .to_str()
         .unwrap()
@@ -286,18 +293,9 @@ async fn json_and_binary_bodies_classify_real_test_images_like_grpc() {
                     "parameters": {"binary_data_size": png.len() + 4}}],
         "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
     });
-    let header = serde_json::to_vec(&header).unwrap();
-    let length = header.len().to_string();
-    let body = [header, (png.len() as u32).to_le_bytes().to_vec(), png].concat();
-    let headers = [("inference-header-content-length", length.as_str())];
+    let data = [(png.len() as u32).to_le_bytes().to_vec(), png].concat();
     let path = "/v2/models/fashion-mnist/versions/vanilla/infer";
-    let reply = send(server.http, request(Method::POST, path, &headers, body)).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    let reply = post_binary(server.http, path, &header, data).await;
     let best = reply.json()["outputs"][0]["data"][0]
         .as_str()
         .unwrap()

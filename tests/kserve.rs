@@ -23,14 +23,7 @@ fn client(server: &TestServer) -> GrpcInferenceServiceClient<Channel> {
 
 /// The first `n` shipped sample images.
 fn sample_pngs(n: usize) -> Vec<Vec<u8>> {
-    let dir = shipped_models().join("fashion-mnist/samples");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
+    common::sample_png_files()
         .iter()
         .take(n)
         .map(|f| std::fs::read(f).unwrap())
@@ -118,13 +111,7 @@ async fn infer_error(
 
 /// One shipped sample image of each of `n` classes (the class is the file name's suffix).
 fn one_per_class(n: usize) -> Vec<Vec<u8>> {
-    let dir = shipped_models().join("fashion-mnist/samples");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
+    let files = common::sample_png_files();
     let mut classes = Vec::new();
     let mut images = Vec::new();
     for file in files {
@@ -174,13 +161,7 @@ async fn a_batch_of_eight_is_split_into_the_batcher_and_reassembled_in_order() {
     }
 
     // The same images as client-normalised FP32 [8, 1, 28, 28] give the same rows.
-    let spec = InputSpec {
-        channels: 1,
-        height: 28,
-        width: 28,
-        mean: vec![0.2860],
-        std: vec![0.3530],
-    };
+    let spec = common::fashion_mnist_input();
     let values: Vec<f32> = images
         .iter()
         .flat_map(|png| preprocess(png, &spec, &Default::default()).unwrap())

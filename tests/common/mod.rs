@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -16,6 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use octserve::config::{BatchingConfig, ServeConfig};
+use octserve::preprocess::InputSpec;
 use octserve::pb::classifier_client::ClassifierClient;
 use octserve::server::{run_with, Listeners, ServeOptions};
 
@@ -194,6 +195,52 @@ pub fn trouser_png() -> Vec<u8> {
 /// The repository's shipped models.
 pub fn shipped_models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+/// The shipped Fashion-MNIST sample images, in file-name order (`NNNN_class.png`).
+pub fn sample_png_files() -> Vec<PathBuf> {
+    let dir = shipped_models().join("fashion-mnist/samples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The shipped Fashion-MNIST models' input, as their manifest gives it.
+pub fn fashion_mnist_input() -> InputSpec {
+    InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        mean: vec![0.2860],
+        std: vec![0.3530],
+    }
+}
+
+/// The `octserve bench` / `inspect` flags for nets shaped like the shipped ones (1x28x28, 10
+/// classes).
+pub const TOY_SHAPE_FLAGS: [&str; 6] = [
+    "--input-size",
+    "28",
+    "--in-channels",
+    "1",
+    "--num-classes",
+    "10",
+];
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    a.sub(b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Runs `tools/interop/<script>` with `args` and asserts it passed: exit status 0 and `passed`

@@ -55,21 +55,29 @@ def top1_labels(result, n):
     return [s.decode().split(":", 2)[2] for s in strings[:, 0]]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="host:port of octserve's gRPC listener")
+def connect(client_module, doc, listener):
+    """Parses `--url` and `--models`, connects `client_module`'s client (tritonclient.grpc or
+    .http) and checks the health calls both protocols share. Returns (client, model_dir,
+    manifest, variant names)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--url", required=True, help=f"host:port of octserve's {listener} listener")
     parser.add_argument("--models", default=str(ROOT / "models" / MODEL))
     args = parser.parse_args()
     model_dir = Path(args.models)
     manifest = tomllib.loads((model_dir / "manifest.toml").read_text())
     variants = [v["name"] for v in manifest["variants"]]
 
-    client = grpcclient.InferenceServerClient(url=args.url)
+    client = client_module.InferenceServerClient(url=args.url)
     check(client.is_server_live(), "server is live")
     check(client.is_server_ready(), "server is ready")
     check(client.is_model_ready(MODEL), f"model {MODEL} is ready")
     check(client.is_model_ready(MODEL, "octave"), "variant octave is ready as a version")
     check(not client.is_model_ready("no-such-model"), "an unknown model is not ready")
+    return client, model_dir, manifest, variants
+
+
+def main():
+    client, model_dir, manifest, variants = connect(grpcclient, __doc__, "gRPC")
 
     server = client.get_server_metadata()
     check(server.name == "octserve" and "classification" in server.extensions,

@@ -10,10 +10,8 @@ the classification extension, a pinned version, an N=8 request, and a wrong-shap
 must be refused. Exits non-zero on the first failed check. `tests/http.rs` runs it against a
 real server.
 """
-import argparse
 import base64
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kserve_tritonclient import MODEL, ROOT, check, normalised, samples  # noqa: E402
+from kserve_tritonclient import MODEL, check, connect, normalised, samples  # noqa: E402
 
 
 def top1_labels(result, n):
@@ -32,20 +30,7 @@ def top1_labels(result, n):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="host:port of octserve's HTTP listener")
-    parser.add_argument("--models", default=str(ROOT / "models" / MODEL))
-    args = parser.parse_args()
-    model_dir = Path(args.models)
-    manifest = tomllib.loads((model_dir / "manifest.toml").read_text())
-    variants = [v["name"] for v in manifest["variants"]]
-
-    client = httpclient.InferenceServerClient(url=args.url)
-    check(client.is_server_live(), "server is live")
-    check(client.is_server_ready(), "server is ready")
-    check(client.is_model_ready(MODEL), f"model {MODEL} is ready")
-    check(client.is_model_ready(MODEL, "octave"), "variant octave is ready as a version")
-    check(not client.is_model_ready("no-such-model"), "an unknown model is not ready")
+    client, model_dir, manifest, variants = connect(httpclient, __doc__, "HTTP")
 
     server = client.get_server_metadata()
     check(server["name"] == "octserve" and "classification" in server["extensions"]
