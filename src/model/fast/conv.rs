@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::band::tap_block;
-use super::kernel::{self, Finish, Gemm, Lhs};
+use super::kernel::{self, Finish, Gemm, Kernel, Lhs};
 use super::map::Map;
 use super::term::Term;
 use super::threads;
@@ -23,6 +23,12 @@ const TILE_FLOATS: usize = 1 << 17;
 
 /// The most output rows (pixels) of one tile.
 pub const MOST_TILE_ROWS: usize = 512;
+
+/// The fewest output rows of a tile on the `gemm` crate's path. The crate packs the weights
+/// again on every call, so a deep layer's tile of ~32 rows (what [`TILE_FLOATS`] allows)
+/// spends as long packing its weights as multiplying by them; the crate packs its
+/// left-hand rows into cache-sized blocks itself, so the patch rows need not fit L2.
+const CRATE_TILE_ROWS: usize = 256;
 
 thread_local! {
     /// Each thread's patch-row buffer, reused across tiles and calls.
@@ -170,7 +176,11 @@ pub(super) fn conv_sum(terms: &[Term], epilogue: &Epilogue) -> Map {
     let m = n * ho * wo;
     let mut data: Vec<f32> = Vec::with_capacity(m * c_out);
     let depth = terms.iter().map(|t| t.conv.depth()).max().unwrap_or(1);
-    let tile_rows = (TILE_FLOATS / depth).clamp(32, MOST_TILE_ROWS);
+    let on_crate = terms
+        .iter()
+        .any(|t| t.conv.weights.kernel() == Kernel::Portable);
+    let fewest_rows = if on_crate { CRATE_TILE_ROWS } else { 32 };
+    let tile_rows = (TILE_FLOATS / depth).clamp(fewest_rows, MOST_TILE_ROWS);
     let dst = OutPtr(data.as_mut_ptr());
     // Patch rows and the GEMM's packing are per-thread scratch bounded by the tile, whatever
     // the batch, and a thread waiting here may run other callers' work: none of it is part of
@@ -270,7 +280,6 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::model::fast::kernel::Kernel;
     use crate::model::fast::map::avg_pool2x2;
     use crate::model::fast::packed::PackedConv;
 

@@ -42,7 +42,7 @@ pub unsafe fn micro_tile(strip: usize, panel_width: usize, pairs: bool, t: &Tile
             }
         };
     }
-    call!(1 2 3 4 5 6 7 8)
+    call!(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
 }
 
 /// `ROWS x (16 * NV)` of the tile.

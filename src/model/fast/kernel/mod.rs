@@ -83,6 +83,11 @@ impl PackedB {
         self.n
     }
 
+    /// The back end these panels were packed for.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
     /// Whether a GEMM on these panels can read A by taps of `segment` steps ([`Lhs::Taps`]):
     /// on our micro-kernels, in whole pairs where the rows are paired.
     pub fn takes_taps(&self, segment: usize) -> bool {

@@ -1,10 +1,12 @@
 //! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of up to
 //! `MR` rows kept in L1, and each micro-tile's epilogue.
 
-use super::{avx2, avx512, fill_strided, Finish, Gemm, Kernel, Lhs, KC};
+use super::{avx2, avx512, fill_strided, Finish, Gemm, Kernel, Lhs, PackedB, KC};
 
 /// The most rows of one micro-kernel call.
-pub const MR: usize = 8;
+pub const MR: usize = 14;
+/// Rows per call elsewhere on 16-lane registers.
+const NARROW_MR: usize = 8;
 /// Weights of the panel chunks a row strip passes over before the next strip: 256 KiB of L2.
 const GROUP_FLOATS: usize = 1 << 16;
 
@@ -21,7 +23,7 @@ pub unsafe fn gemm(g: &Gemm) {
         finish,
     } = *g;
     let w = b.width;
-    let strip_rows = strip_rows(b.kernel);
+    let strip_rows = strip_rows(b);
     // A whose next strip the kernel prefetches: a map read from memory (taps, bands and patch
     // rows are built just before, in cache).
     let prefetched = match a {
@@ -107,12 +109,17 @@ pub unsafe fn gemm(g: &Gemm) {
     }
 }
 
-/// Rows per micro-kernel call: as many as leave registers for the panel and one A broadcast.
-/// With 16 registers of 8 lanes that is 6 rows of two accumulators ([`avx2`]).
-fn strip_rows(kernel: Kernel) -> usize {
-    match kernel {
+/// Rows per micro-kernel call. With 16 registers of 8 lanes, 6 rows of two accumulators
+/// ([`avx2`]). With 32 of 16 lanes, a wide output (several 32-column panels) takes 14 rows:
+/// 28 accumulators, two panel registers and one A broadcast, so each panel load feeds 14 FMAs
+/// (against 8, ~10% faster on ResNet-50). Narrow outputs keep 8 rows: there a strip passes
+/// over one or two panels and waits on its A rows, and longer strips measured 20-30% slower
+/// on the ResNet-20s (docs/performance.md).
+fn strip_rows(b: &PackedB) -> usize {
+    match b.kernel {
         Kernel::Avx2 => 6,
-        _ => MR,
+        _ if b.n > b.width && !b.pairs => MR,
+        _ => NARROW_MR,
     }
 }
 
