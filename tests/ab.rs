@@ -15,7 +15,7 @@ use common::{shipped_models, TestServer};
 use octserve::config::ServeConfig;
 use octserve::model::{Model, ModelConfig};
 use octserve::pb::{ClassifyRequest, ModelInfo};
-use octserve::preprocess::{preprocess, InputSpec};
+use octserve::preprocess::preprocess;
 
 fn png() -> Vec<u8> {
     let image = DynamicImage::ImageLuma8(ImageBuffer::from_fn(28, 28, |x, y| {

@@ -15,7 +15,7 @@ use octserve::pb::inference::infer_parameter::ParameterChoice;
 use octserve::pb::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use octserve::pb::inference::*;
 use octserve::pb::ClassifyRequest;
-use octserve::preprocess::{preprocess, InputSpec};
+use octserve::preprocess::preprocess;
 
 fn client(server: &TestServer) -> GrpcInferenceServiceClient<Channel> {
     GrpcInferenceServiceClient::new(server.channel.clone())

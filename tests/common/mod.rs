@@ -16,8 +16,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use octserve::config::{BatchingConfig, ServeConfig};
-use octserve::preprocess::InputSpec;
 use octserve::pb::classifier_client::ClassifierClient;
+use octserve::preprocess::InputSpec;
 use octserve::server::{run_with, Listeners, ServeOptions};
 
 pub struct TestServer {
