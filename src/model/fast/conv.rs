@@ -17,8 +17,8 @@ use super::tiles::{blocks, Block};
 use crate::alloc::uncounted;
 use crate::model::grid::halved;
 
-/// Patch rows of one tile stay around this many floats (512 KiB), so they are still in L2 when
-/// the GEMM reads them.
+/// On our micro-kernels the patch rows of one tile stay around this many floats (512 KiB), so
+/// they are still in L2 when the GEMM reads them.
 const TILE_FLOATS: usize = 1 << 17;
 
 /// The most output rows (pixels) of one tile.

@@ -23,7 +23,8 @@ pub unsafe fn gemm(g: &Gemm) {
         finish,
     } = *g;
     let w = b.width;
-    let strip_rows = strip_rows(b);
+    let panels = cols.start / w..cols.end.div_ceil(w);
+    let strip_rows = strip_rows(b, panels.len());
     // A whose next strip the kernel prefetches: a map read from memory (taps, bands and patch
     // rows are built just before, in cache).
     let prefetched = match a {
@@ -34,7 +35,6 @@ pub unsafe fn gemm(g: &Gemm) {
         } => Some((a, lda)),
         _ => None,
     };
-    let panels = cols.start / w..cols.end.div_ceil(w);
     // K chunks: whole taps where A is read by taps, plain `KC` steps otherwise.
     let (seg, chunk) = match a {
         Lhs::Taps { taps, .. } => {
@@ -109,16 +109,16 @@ pub unsafe fn gemm(g: &Gemm) {
     }
 }
 
-/// Rows per micro-kernel call. With 16 registers of 8 lanes, 6 rows of two accumulators
-/// ([`avx2`]). With 32 of 16 lanes, a wide output (several 32-column panels) takes 14 rows:
-/// 28 accumulators, two panel registers and one A broadcast, so each panel load feeds 14 FMAs
-/// (against 8, ~10% faster on ResNet-50). Narrow outputs keep 8 rows: there a strip passes
-/// over one or two panels and waits on its A rows, and longer strips measured 20-30% slower
-/// on the ResNet-20s (docs/performance.md).
-fn strip_rows(b: &PackedB) -> usize {
+/// Rows per micro-kernel call on `b` for a call over `panels` of its panels. With 16
+/// registers of 8 lanes, 6 rows of two accumulators ([`avx2`]). With 32 of 16 lanes, a call
+/// over several 32-column panels takes 14 rows: 28 accumulators, two panel registers and one
+/// A broadcast, so each panel load feeds 14 FMAs (against 8, ~10% faster on ResNet-50). Other
+/// calls keep 8 rows: there a strip passes over one panel and waits on its A rows, and longer
+/// strips measured 20-30% slower on the ResNet-20s (docs/performance.md).
+fn strip_rows(b: &PackedB, panels: usize) -> usize {
     match b.kernel {
         Kernel::Avx2 => 6,
-        _ if b.n > b.width && !b.pairs => MR,
+        _ if panels > 1 && !b.pairs => MR,
         _ => NARROW_MR,
     }
 }
