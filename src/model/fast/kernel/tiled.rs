@@ -59,15 +59,24 @@ pub unsafe fn gemm(g: &Gemm) {
         for first in panels.clone().step_by(group) {
             for r0 in rows.clone().step_by(strip_rows) {
                 let strip = strip_rows.min(rows.end - r0);
-                let mut a_rows = [std::ptr::null(); MR];
+                // One tile per strip, its panel and C pointers set for each panel below.
+                let mut tile = Tile {
+                    taps: chunk_taps,
+                    seg: chunk_seg,
+                    a: [std::ptr::null(); MR],
+                    next: std::ptr::null(),
+                    b: std::ptr::null(),
+                    c: c.add(r0 * ldc),
+                    ldc,
+                };
                 // The strip's first row, counted from the call's first.
                 let at = r0 - rows.start;
                 match a {
                     Lhs::Rows { a, lda, .. } => {
-                        fill_strided(&mut a_rows[..strip], a.add(at * lda), lda)
+                        fill_strided(&mut tile.a[..strip], a.add(at * lda), lda)
                     }
                     Lhs::Taps { starts, .. } => {
-                        a_rows[..strip].copy_from_slice(&starts[at..at + strip])
+                        tile.a[..strip].copy_from_slice(&starts[at..at + strip])
                     }
                 }
                 let mut next = [std::ptr::null(); MR];
@@ -88,21 +97,17 @@ pub unsafe fn gemm(g: &Gemm) {
                     if let (true, Some(f)) = (last_chunk, finish) {
                         store.finish(f, at, col0);
                     }
-                    let tile = Tile {
-                        taps: chunk_taps,
-                        seg: chunk_seg,
-                        a: a_rows,
-                        // Loaded by the group's first panel only; the others find A in L1.
-                        next: if p == first && !next[0].is_null() {
-                            &next
-                        } else {
-                            std::ptr::null()
-                        },
-                        b: b.panel_from(p, k0).as_ptr(),
-                        c: c.add(r0 * ldc + col0),
-                        ldc,
+                    // Loaded by the group's first panel only; the others find A in L1.
+                    tile.next = if p == first && !next[0].is_null() {
+                        &next
+                    } else {
+                        std::ptr::null()
                     };
+                    tile.b = b.panel_from(p, k0).as_ptr();
+                    let strip_c = tile.c;
+                    tile.c = strip_c.add(col0);
                     dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
+                    tile.c = strip_c;
                 }
             }
         }
