@@ -465,6 +465,42 @@ async fn health_metadata_and_errors_have_the_protocol_statuses() {
     );
 }
 
+/// HTTP has no `grpc-timeout`: Triton's `timeout` request parameter (microseconds) sets the
+/// request's deadline, enforced by the same queue and reply timers as gRPC's.
+#[tokio::test]
+async fn the_timeout_parameter_is_the_requests_deadline() {
+    let (server, _dir) = random_server(ServeConfig::default(), None).await;
+    let path = "/v2/models/toy/infer";
+    let with_timeout = |timeout: Value| {
+        let mut body = zeros_request(&[1, 1, 28, 28]);
+        body["parameters"] = json!({ "timeout": timeout });
+        body
+    };
+
+    let roomy = post_json(server.http, path, &with_timeout(json!(60_000_000))).await;
+    assert_eq!(roomy.status, StatusCode::OK);
+    let expired = post_json(server.http, path, &with_timeout(json!(0))).await;
+    assert_eq!(expired.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(expired.error().contains("deadline"), "{}", expired.error());
+    for bad in [json!(-1), json!("soon"), json!(1.5)] {
+        let reply = post_json(server.http, path, &with_timeout(bad.clone())).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            reply.error().contains("whole number of microseconds"),
+            "{bad}: {}",
+            reply.error()
+        );
+    }
+    // The expired request is counted as such, like a gRPC one.
+    let metrics = server.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("DEADLINE_EXCEEDED") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn the_api_key_guards_every_route_but_health() {
     let (server, _dir) = random_server(ServeConfig::default(), Some("s3cret")).await;

@@ -9,7 +9,9 @@
 mod repository;
 pub mod tensor;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::try_join_all;
 use tokio::time::Instant;
@@ -31,6 +33,9 @@ const EXTENSIONS: &[&str] = &["classification"];
 const PLATFORM: &str = "octserve_candle";
 /// Request parameter that pins the router's choice, like `ClassifyRequest.routing_key`.
 const ROUTING_KEY: &str = "routing_key";
+/// Request parameter (Triton's): how many microseconds the caller waits for its answer. Over
+/// HTTP, which has no `grpc-timeout`, the way a client sets a deadline.
+const TIMEOUT: &str = "timeout";
 
 /// The KServe v2 service over a shared [`ServingState`].
 #[derive(Clone)]
@@ -169,6 +174,28 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
+/// The deadline a request's [`TIMEOUT`] parameter sets, counted from `from`; `None` without
+/// one (or one too far away to represent).
+fn timeout_deadline(
+    parameters: &HashMap<String, InferParameter>,
+    from: Instant,
+) -> Result<Option<Instant>, ServeError> {
+    let Some(parameter) = parameters.get(TIMEOUT) else {
+        return Ok(None);
+    };
+    let micros = match parameter.parameter_choice {
+        Some(ParameterChoice::Int64Param(us)) => u64::try_from(us).ok(),
+        Some(ParameterChoice::Uint64Param(us)) => Some(us),
+        _ => None,
+    };
+    let micros = micros.ok_or_else(|| {
+        ServeError::InvalidArgument(format!(
+            "parameter '{TIMEOUT}' must be a whole number of microseconds, at least 0"
+        ))
+    })?;
+    Ok(from.checked_add(Duration::from_micros(micros)))
+}
+
 /// The whole `ModelInfer` path for one request, with its metrics.
 async fn infer(
     state: &ServingState,
@@ -197,6 +224,10 @@ async fn infer(
     let variant = model.variant(&model_version, routing_key)?;
     let record = RequestRecord::new(variant, started);
     let result = async {
+        let deadline = match timeout_deadline(&parameters, started)? {
+            Some(asked) => Some(deadline.map_or(asked, |d| d.min(asked))),
+            None => deadline,
+        };
         let outputs = tensor::requested_outputs(&outputs, model.labels.len())?;
         let images = tensor::read_inputs(
             inputs,

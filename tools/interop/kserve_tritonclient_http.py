@@ -6,9 +6,9 @@
 Exercises the KServe v2 / Open Inference Protocol over HTTP as a Triton user would: server live
 and ready, server and model metadata, FP32 and BYTES requests on the shipped sample images with
 the tensors sent as JSON and as binary data, outputs read as JSON and as binary data and through
-the classification extension, a pinned version, an N=8 request, and a wrong-shape request that
-must be refused. Exits non-zero on the first failed check. `tests/http.rs` runs it against a
-real server.
+the classification extension, a pinned version, an N=8 request, the client's timeout, and a
+wrong-shape request that must be refused. Exits non-zero on the first failed check.
+`tests/http.rs` runs it against a real server.
 """
 import base64
 import sys
@@ -86,6 +86,17 @@ def main():
     tensor.set_data_from_numpy(batch)
     default = client.infer(MODEL, [tensor], model_version="vanilla").as_numpy("probabilities")
     check(np.allclose(default, probabilities, atol=1e-6), "default outputs equal the named ones")
+
+    # The client's timeout (microseconds) is the request's deadline: ample, then already past.
+    timed = client.infer(MODEL, [tensor], model_version="vanilla", timeout=60_000_000)
+    check(np.allclose(timed.as_numpy("probabilities"), probabilities, atol=1e-6),
+          "a request with an ample timeout is answered")
+    try:
+        client.infer(MODEL, [tensor], timeout=0)
+        check(False, "a request whose timeout has passed is refused")
+    except InferenceServerException as e:
+        check(e.status() == "504" and "deadline" in e.message(),
+              f"a request whose timeout has passed gets 504: {e.status()} {e.message()}")
 
     # A wrong shape is refused with 400 and says what the model takes.
     tensor = httpclient.InferInput("input", [1, 1, 27, 28], "FP32")
