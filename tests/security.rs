@@ -186,6 +186,108 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     );
 }
 
+/// `GET path` over HTTP/1.1 on `stream`: the status and body.
+async fn http_get_on<S>(stream: S, path: &str) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Empty};
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The HTTP/REST port serves TLS with the gRPC port's certificate, and mutual TLS with its
+/// client CA: an HTTPS client trusting the CA is answered, a plain-text one is not, and under
+/// mutual TLS a client without a certificate is refused in the handshake.
+#[tokio::test]
+async fn the_http_port_speaks_tls_and_mutual_tls_like_the_grpc_port() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = TestPki::new();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap())
+        .unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+    };
+    let anonymous = std::sync::Arc::new(builder().with_no_client_auth());
+    let with_identity = std::sync::Arc::new(
+        builder()
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(pki.path("client.pem")).unwrap()],
+                PrivateKeyDer::from_pem_file(pki.path("client-key.pem")).unwrap(),
+            )
+            .unwrap(),
+    );
+    let https = |config: std::sync::Arc<rustls::ClientConfig>, addr| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let localhost = ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(localhost, tcp)
+            .await
+    };
+
+    for mutual in [false, true] {
+        let dir = random_model_dir("tls", &[("vanilla", "resnet20", 0., 1.)], None);
+        let mut serve = options(ServeConfig::default(), dir.path());
+        serve.tls = Some(pki.server(mutual));
+        let server = TestServer::start_with(serve, Some(pki.client(mutual))).await;
+
+        let client = if mutual { &with_identity } else { &anonymous };
+        let tls = https(client.clone(), server.http).await.unwrap();
+        let (status, body) = http_get_on(tls, "/v2/models/tls").await;
+        assert_eq!(status, 200, "mutual {mutual}: {body}");
+        assert!(body.contains("\"versions\":[\"vanilla\"]"), "{body}");
+
+        // Plain text to the TLS port: the TLS layer answers with a fatal alert, never HTTP.
+        let mut plain = tokio::net::TcpStream::connect(server.http).await.unwrap();
+        plain
+            .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        let _ = plain.read_to_end(&mut reply).await;
+        assert!(
+            !reply.starts_with(b"HTTP/") && reply.first() == Some(&21),
+            "mutual {mutual}: not a TLS alert: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+
+        if mutual {
+            // Trusting the server is not enough: the handshake wants a client certificate. In
+            // TLS 1.3 the client learns it on its first read.
+            let refused = match https(anonymous.clone(), server.http).await {
+                Err(e) => e.to_string(),
+                Ok(mut tls) => {
+                    let _ = tls
+                        .write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                        .await;
+                    let mut buf = Vec::new();
+                    tls.read_to_end(&mut buf).await.unwrap_err().to_string()
+                }
+            };
+            assert!(refused.contains("CertificateRequired"), "{refused}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_api_key_guards_every_service_but_health() {
     let dir = random_model_dir("keyed", &[("vanilla", "resnet20", 0., 1.)], None);
