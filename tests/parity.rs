@@ -1,10 +1,12 @@
 //! Parity with the independent PyTorch reference (tools/reference/): same weights, same input,
 //! same output, for vanilla and octave nets at even and odd sizes, unfolded and BatchNorm-folded.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 
@@ -59,7 +61,7 @@ fn check_fixtures(dir: &Path) {
             ("folded", model.folded().unwrap()),
         ] {
             let out = m.forward(input).unwrap();
-            let diff = max_abs_diff(&out, expected);
+            let diff = common::max_abs_diff(&out, expected);
             assert!(
                 diff <= 1e-4 * scale,
                 "{} ({form}): max abs diff {diff} vs output scale {scale}",
@@ -67,17 +69,6 @@ fn check_fixtures(dir: &Path) {
             );
         }
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
