@@ -59,6 +59,7 @@ pub unsafe fn gemm(g: &Gemm) {
         for first in panels.clone().step_by(group) {
             for r0 in rows.clone().step_by(strip_rows) {
                 let strip = strip_rows.min(rows.end - r0);
+                let strip_c = c.add(r0 * ldc);
                 // One tile per strip, its panel and C pointers set for each panel below.
                 let mut tile = Tile {
                     taps: chunk_taps,
@@ -66,7 +67,7 @@ pub unsafe fn gemm(g: &Gemm) {
                     a: [std::ptr::null(); MR],
                     next: std::ptr::null(),
                     b: std::ptr::null(),
-                    c: c.add(r0 * ldc),
+                    c: strip_c,
                     ldc,
                 };
                 // The strip's first row, counted from the call's first.
@@ -104,10 +105,8 @@ pub unsafe fn gemm(g: &Gemm) {
                         std::ptr::null()
                     };
                     tile.b = b.panel_from(p, k0).as_ptr();
-                    let strip_c = tile.c;
                     tile.c = strip_c.add(col0);
                     dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
-                    tile.c = strip_c;
                 }
             }
         }
