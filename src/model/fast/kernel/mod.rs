@@ -33,7 +33,33 @@ pub struct PackedB {
     n: usize,
     width: usize,
     pairs: bool,
-    data: Vec<f32>,
+    data: Lines,
+}
+
+/// Floats in 64-byte-aligned cache lines: each K step of a 32-column panel is two whole lines,
+/// so no load of the micro-kernel straddles two (a heap `Vec<f32>` is only 16-byte aligned,
+/// and a straddling load costs two reads of L1).
+#[derive(Clone, Debug)]
+struct Lines(Vec<Line>);
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+impl Lines {
+    fn zeros(len: usize) -> Self {
+        Self(vec![Line([0.; 16]); len.div_ceil(16)])
+    }
+
+    fn floats(&self) -> &[f32] {
+        // SAFETY: a `Line` is 16 floats and nothing else (`repr(C)`, size 64 = its alignment).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
+    }
+
+    fn floats_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `floats`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+    }
 }
 
 impl PackedB {
@@ -57,7 +83,8 @@ impl PackedB {
             Kernel::Portable => (n, false),
         };
         let panel_len = panel_len(k, width);
-        let mut data = vec![0f32; n.div_ceil(width) * panel_len];
+        let mut data = Lines::zeros(n.div_ceil(width) * panel_len);
+        let floats = data.floats_mut();
         for (row, weights) in weights.chunks_exact(n).enumerate() {
             for (col, &w) in weights.iter().enumerate() {
                 let (panel, j) = (col / width, col % width);
@@ -66,7 +93,7 @@ impl PackedB {
                 } else {
                     row * width + j
                 };
-                data[panel * panel_len + at] = w;
+                floats[panel * panel_len + at] = w;
             }
         }
         Self {
@@ -105,7 +132,7 @@ impl PackedB {
     /// Panel `p` from K step `k0` (even when the rows are paired).
     fn panel_from(&self, p: usize, k0: usize) -> &[f32] {
         let len = panel_len(self.k, self.width);
-        &self.data[p * len + k0 * self.width..(p + 1) * len]
+        &self.data.floats()[p * len + k0 * self.width..(p + 1) * len]
     }
 }
 
@@ -277,7 +304,7 @@ unsafe fn portable_gemm(g: &Gemm) {
         a,
         1,
         lda as isize,
-        b.data.as_ptr().add(cols.start),
+        b.data.floats().as_ptr().add(cols.start),
         1,
         b.n as isize,
         1.0,
