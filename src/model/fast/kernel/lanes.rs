@@ -38,6 +38,9 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
 ) {
     let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
     let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
+    if taps.len() * seg <= SHALLOW_STEPS {
+        prefetch_outputs::<L, ROWS, NV>(s, c, ldc);
+    }
     let mut acc = [[L::zero(); NV]; ROWS];
     // K steps `$k` of the tap at `$tap`.
     macro_rules! steps {
@@ -114,6 +117,40 @@ unsafe fn prefetch_panel<L: Lanes, const NV: usize>(b: *const f32, step: usize) 
         .wrapping_add(step * step_bytes + PANEL_AHEAD_BYTES);
     for line in (0..step_bytes).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+    }
+}
+
+/// The most K steps of a call that prefetches its outputs ([`prefetch_outputs`]): a deeper
+/// call computes long enough for the hardware to bring them, and its prefetched lines would
+/// leave L1 before the store.
+const SHALLOW_STEPS: usize = 128;
+
+/// Prefetches what the store of this micro-tile will touch: C's lines for writing, and the
+/// addend rows' lines. Issued before the K loop, they arrive while it runs: a shallow
+/// convolution (64 input channels, a 56x56 map) otherwise stalls on a read-for-ownership of
+/// every output line and on every residual line it adds.
+#[inline(always)]
+pub unsafe fn prefetch_outputs<L: Lanes, const ROWS: usize, const NV: usize>(
+    s: &Store,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let bytes = (L::N * NV * 4).min(s.width * 4);
+    for i in 0..ROWS {
+        let row = c.add(i * ldc).cast::<i8>();
+        for line in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(line));
+        }
+        if !s.addends.is_null() {
+            for &addend in (*s.addends.add(i)).iter() {
+                if !addend.is_null() {
+                    let from = addend.add(s.col0).cast::<i8>();
+                    for line in (0..bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line));
+                    }
+                }
+            }
+        }
     }
 }
 
