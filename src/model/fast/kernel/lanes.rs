@@ -130,7 +130,7 @@ const SHALLOW_STEPS: usize = 128;
 /// convolution (64 input channels, a 56x56 map) otherwise stalls on a read-for-ownership of
 /// every output line and on every residual line it adds.
 #[inline(always)]
-pub unsafe fn prefetch_outputs<L: Lanes, const ROWS: usize, const NV: usize>(
+unsafe fn prefetch_outputs<L: Lanes, const ROWS: usize, const NV: usize>(
     s: &Store,
     c: *mut f32,
     ldc: usize,
