@@ -115,8 +115,14 @@ unsafe fn prefetch_panel<L: Lanes, const NV: usize>(b: *const f32, step: usize) 
     let ahead = b
         .cast::<i8>()
         .wrapping_add(step * step_bytes + PANEL_AHEAD_BYTES);
-    for line in (0..step_bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+    prefetch_lines::<_MM_HINT_T0>(ahead, step_bytes);
+}
+
+/// Prefetches with `HINT` every 64-byte line of the `bytes` from `from`.
+#[inline(always)]
+unsafe fn prefetch_lines<const HINT: i32>(from: *const i8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<HINT>(from.wrapping_add(line));
     }
 }
 
@@ -137,18 +143,13 @@ unsafe fn prefetch_outputs<L: Lanes, const ROWS: usize, const NV: usize>(
 ) {
     let bytes = (L::N * NV * 4).min(s.width * 4);
     for i in 0..ROWS {
-        let row = c.add(i * ldc).cast::<i8>();
-        for line in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_add(line));
+        prefetch_lines::<_MM_HINT_ET0>(c.add(i * ldc).cast(), bytes);
+        if s.addends.is_null() {
+            continue;
         }
-        if !s.addends.is_null() {
-            for &addend in (*s.addends.add(i)).iter() {
-                if !addend.is_null() {
-                    let from = addend.add(s.col0).cast::<i8>();
-                    for line in (0..bytes).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line));
-                    }
-                }
+        for addend in *s.addends.add(i) {
+            if !addend.is_null() {
+                prefetch_lines::<_MM_HINT_T0>(addend.add(s.col0).cast(), bytes);
             }
         }
     }
