@@ -30,14 +30,35 @@ pub trait Lanes {
 /// `ROWS` strip rows x `N * NV` columns of C from the tile's steps of A (broadcast) times the
 /// panel (loaded); with `PREFETCH`, the next strip's rows are prefetched on the way
 /// ([`Tile::next`]). A separate instance, so that the tap-reading calls (short K segments,
-/// nothing to prefetch) keep their plain loop.
+/// nothing to prefetch) keep their plain loop; and one more for calls that prefetch the next
+/// panel group ([`Tile::ahead`]), so that the others issue no prefetch for it.
 #[inline(always)]
 pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH: bool>(
     t: &Tile,
     s: &Store,
 ) {
+    if t.ahead.is_null() {
+        micro_steps::<L, ROWS, NV, PREFETCH, false>(t, s)
+    } else {
+        micro_steps::<L, ROWS, NV, PREFETCH, true>(t, s)
+    }
+}
+
+/// [`micro`], prefetching one line of [`Tile::ahead`] into L2 per K step where `AHEAD`.
+#[inline(always)]
+unsafe fn micro_steps<
+    L: Lanes,
+    const ROWS: usize,
+    const NV: usize,
+    const PREFETCH: bool,
+    const AHEAD: bool,
+>(
+    t: &Tile,
+    s: &Store,
+) {
     let (taps, seg, mut b, c, ldc) = (t.taps, t.seg, t.b, t.c, t.ldc);
     let a: [*const f32; ROWS] = std::array::from_fn(|i| t.a[i]);
+    let mut ahead = t.ahead;
     if taps.len() * seg <= SHALLOW_STEPS {
         prefetch_outputs::<L, ROWS, NV>(s, c, ldc);
     }
@@ -47,6 +68,9 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
         ($tap:expr, $k:expr) => {
             for k in $k {
                 prefetch_panel::<L, NV>(b, k - $tap);
+                if AHEAD {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add((k - $tap) * 64));
+                }
                 let bv: [L::V; NV] =
                     std::array::from_fn(|v| L::load(b.add((k - $tap) * L::N * NV + L::N * v)));
                 for (i, row) in acc.iter_mut().enumerate() {
@@ -68,6 +92,7 @@ pub unsafe fn micro<L: Lanes, const ROWS: usize, const NV: usize, const PREFETCH
             }
         }
         b = b.add(seg * L::N * NV);
+        ahead = ahead.wrapping_add(seg * 64);
     }
     store_tile::<L, ROWS, NV>(acc, s, c, ldc);
 }

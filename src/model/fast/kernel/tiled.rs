@@ -1,6 +1,8 @@
 //! The loops around a micro-kernel: K chunks, groups of panels kept in L2, strips of up to
 //! `MR` rows kept in L1, and each micro-tile's epilogue.
 
+use std::ops::Range;
+
 use super::{avx2, avx512, fill_strided, Finish, Gemm, Kernel, Lhs, PackedB, KC};
 
 /// The most rows of one micro-kernel call.
@@ -55,8 +57,9 @@ pub unsafe fn gemm(g: &Gemm) {
         };
         // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
         // group's first panel, passes over all of them.
-        let group = (GROUP_FLOATS / (kc * w)).max(1);
+        let group = panels_per_group(kc, w);
         for first in panels.clone().step_by(group) {
+            let mut lookahead = Lookahead::after(b, &panels, chunk, k0, first, group);
             for r0 in rows.clone().step_by(strip_rows) {
                 let strip = strip_rows.min(rows.end - r0);
                 let strip_c = c.add(r0 * ldc);
@@ -67,6 +70,7 @@ pub unsafe fn gemm(g: &Gemm) {
                     a: [std::ptr::null(); MR],
                     next: std::ptr::null(),
                     b: std::ptr::null(),
+                    ahead: std::ptr::null(),
                     c: strip_c,
                     ldc,
                 };
@@ -105,6 +109,7 @@ pub unsafe fn gemm(g: &Gemm) {
                         std::ptr::null()
                     };
                     tile.b = b.panel_from(p, k0).as_ptr();
+                    tile.ahead = lookahead.take(kc * 64).unwrap_or(std::ptr::null());
                     tile.c = strip_c.add(col0);
                     dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
                 }
@@ -124,6 +129,79 @@ fn strip_rows(b: &PackedB, panels: usize) -> usize {
         Kernel::Avx2 => 6,
         _ if panels > 1 && !b.pairs => MR,
         _ => NARROW_MR,
+    }
+}
+
+/// Panels of `kc` steps and `width` columns in one group ([`GROUP_FLOATS`]).
+fn panels_per_group(kc: usize, width: usize) -> usize {
+    (GROUP_FLOATS / (kc.max(1) * width)).max(1)
+}
+
+/// Weights of the panel group after the current one (the same panels' next K chunk, or the
+/// next panels'), handed out to the current group's kernel calls to prefetch into L2: the
+/// current group's first strip otherwise waits on memory for every panel line, which costs
+/// most where strips are few (ResNet-50's layer4: 14 strips of a thread's 4 images).
+struct Lookahead<'a> {
+    b: &'a PackedB,
+    /// The next group's panels left, and its K chunk.
+    panels: Range<usize>,
+    k0: usize,
+    kc: usize,
+    /// Bytes of the first panel's chunk already handed out.
+    taken: usize,
+}
+
+impl<'a> Lookahead<'a> {
+    /// The group after panels `first..first + group` of the chunk at `k0` (`chunk` deep) of a
+    /// call over `panels`: nothing after the last group of the last chunk.
+    fn after(
+        b: &'a PackedB,
+        panels: &Range<usize>,
+        chunk: usize,
+        k0: usize,
+        first: usize,
+        group: usize,
+    ) -> Self {
+        let (first, k0) = if first + group < panels.end {
+            (first + group, k0)
+        } else {
+            (panels.start, k0 + chunk)
+        };
+        let kc = chunk.min(b.k.saturating_sub(k0));
+        let group = panels_per_group(kc, b.width);
+        let end = if kc == 0 {
+            first
+        } else {
+            (first + group).min(panels.end)
+        };
+        Self {
+            b,
+            panels: first..end,
+            k0,
+            kc,
+            taken: 0,
+        }
+    }
+
+    /// The start of the next `bytes` to prefetch, within one panel's chunk; `None` once all
+    /// are handed out.
+    fn take(&mut self, bytes: usize) -> Option<*const i8> {
+        let chunk_bytes = self.kc * self.b.width * 4;
+        if self.taken >= chunk_bytes {
+            self.panels.start += 1;
+            self.taken = 0;
+        }
+        if self.panels.is_empty() {
+            return None;
+        }
+        let from = self
+            .b
+            .panel_from(self.panels.start, self.k0)
+            .as_ptr()
+            .cast::<i8>();
+        let at = from.wrapping_add(self.taken);
+        self.taken += bytes;
+        Some(at)
     }
 }
 
@@ -170,6 +248,10 @@ pub struct Tile<'a> {
     /// most of that wait.
     pub next: *const [*const f32; MR],
     pub b: *const f32,
+    /// Where the kernel prefetches into L2, one line per K step: its share of the panel
+    /// chunks the next group will read ([`Lookahead`]), or null for none. (The paired-panel
+    /// kernels, one panel per narrow output, skip it.)
+    pub ahead: *const i8,
     pub c: *mut f32,
     pub ldc: usize,
 }
@@ -186,5 +268,43 @@ unsafe fn dispatch(
         Kernel::Avx512 => avx512::micro_tile(strip, panel_width, pairs, t, s),
         Kernel::Avx2 => avx2::micro_tile(strip, panel_width, t, s),
         Kernel::Portable => unreachable!("the gemm crate has its own tiling"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every start `Lookahead::after(...)` hands out, `KC * 64` bytes at a time.
+    fn handed_out(b: &PackedB, panels: Range<usize>, k0: usize, first: usize) -> Vec<*const i8> {
+        let group = panels_per_group(KC, b.width);
+        let mut lookahead = Lookahead::after(b, &panels, KC, k0, first, group);
+        std::iter::from_fn(|| lookahead.take(KC * 64)).collect()
+    }
+
+    /// The two halves of each of `panels`' chunks at `k0`, in order.
+    fn halves(b: &PackedB, panels: Range<usize>, k0: usize) -> Vec<*const i8> {
+        panels
+            .flat_map(|p| {
+                let chunk = b.panel_from(p, k0).as_ptr().cast::<i8>();
+                [chunk, chunk.wrapping_add(KC * 64)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lookahead_hands_out_the_next_groups_panel_chunks_once_each() {
+        // 32 panels of 32 columns in two K chunks: groups of 8 panels.
+        let (k, n) = (2 * KC, 1024);
+        let b = PackedB::new(&vec![0.; k * n], k, n, Kernel::Avx512, k);
+        assert_eq!(panels_per_group(KC, b.width), 8);
+        // The next panels of the same chunk.
+        assert_eq!(handed_out(&b, 0..32, 0, 8), halves(&b, 16..24, 0));
+        // After a chunk's last group, the next chunk's first.
+        assert_eq!(handed_out(&b, 0..32, 0, 24), halves(&b, 0..8, KC));
+        // A call over some of the panels stays within them.
+        assert_eq!(handed_out(&b, 4..10, 0, 4), halves(&b, 4..10, KC));
+        // Nothing after the last chunk's last group.
+        assert!(handed_out(&b, 0..32, KC, 24).is_empty());
     }
 }
