@@ -1,6 +1,6 @@
-//! The left-hand matrix of a stride-1 convolution read in place: a band of the input lines a
-//! block of output rows reads, copied once with zero borders (pooled or stacked as the term
-//! reads them), and where each output row's taps start in it.
+//! The left-hand matrix of a convolution read in place: a band of the input lines a block of
+//! output rows reads, copied once with zero borders (pooled or stacked as the term reads them),
+//! and where each output row's taps start in it.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -35,15 +35,20 @@ fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32]) {
     }
 }
 
-/// Output rows `rows` of a stride-1 convolution without patch rows: the input lines they read
-/// are copied once (pooled or stacked as the term reads them), with zero borders, into `band`,
-/// where tap `(ky, kx)` of every output pixel is the same step from the pixel's start; `run`
-/// multiplies them in place. One copy of the input instead of `k * k`. A 1x1 convolution's band
-/// is plain rows, which either back end reads.
+/// Output rows `rows` of a convolution without patch rows: the input lines they read are copied
+/// once (pooled or stacked as the term reads them), with zero borders, into `band`, where tap
+/// `(ky, kx)` of every output pixel is the same step from the pixel's start (pixels `stride`
+/// input pixels apart, output lines `stride` input lines apart); `run` multiplies them in place.
+/// One copy of the input instead of `k * k / stride^2`. A 1x1 stride-1 convolution's band is
+/// plain rows, which either back end reads.
 pub fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl Fn(Lhs)) {
     let conv = term.conv;
     let (h, w) = term.grid();
-    let (k, pad, c) = (conv.kernel, conv.padding, conv.c_in);
+    let (k, pad, c, stride) = (conv.kernel, conv.padding, conv.c_in, conv.stride);
+    assert!(
+        k > 1 || stride == 1,
+        "a strided 1x1 convolution reads patch rows"
+    );
     let (ho, wo) = (conv.out_len(h), conv.out_len(w));
     let line_len = (w + 2 * pad) * c;
     // The block's output lines image by image (the first image from the block's first line,
@@ -60,10 +65,12 @@ pub fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl
         };
         from..to
     };
-    // Where an image's lines start in the band: after the first image's, whole images.
+    // The input lines `n` output lines read, and where an image's start in the band: after
+    // the first image's, whole images.
+    let input_lines = |n: usize| stride * (n - 1) + k;
     let band_start = |image: usize| match image - first_image {
         0 => 0,
-        later => (lines(first_image).len() + (later - 1) * ho + later * (k - 1)) * line_len,
+        later => (input_lines(lines(first_image).len()) + (later - 1) * input_lines(ho)) * line_len,
     };
     let len = band_start(last_image + 1);
     if band.len() < len {
@@ -72,8 +79,8 @@ pub fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl
     for image in first_image..=last_image {
         let (lines, start) = (lines(image), band_start(image));
         let band_lines =
-            band[start..start + (lines.len() + k - 1) * line_len].chunks_exact_mut(line_len);
-        for (dst, y) in band_lines.zip(lines.start as isize - pad as isize..) {
+            band[start..start + input_lines(lines.len()) * line_len].chunks_exact_mut(line_len);
+        for (dst, y) in band_lines.zip((stride * lines.start) as isize - pad as isize..) {
             if y < 0 || y >= h as isize {
                 dst.fill(0.);
                 continue;
@@ -97,15 +104,16 @@ pub fn tap_block(term: &Term, rows: Range<usize>, band: &mut Vec<f32>, run: impl
         starts.clear();
         starts.resize(rows.len(), std::ptr::null());
         let (mut image, mut oy, mut ox) = (first_image, first_line, first % wo);
-        let mut line = (oy - lines(image).start) * line_len;
-        // Output line by output line: within one, the starts are `c` apart.
+        let mut line = (oy - lines(image).start) * stride * line_len;
+        // Output line by output line: within one, the starts are `stride * c` apart.
         let mut rest = &mut starts[..];
         while !rest.is_empty() {
             let (this_line, later) = rest.split_at_mut((wo - ox).min(rest.len()));
-            kernel::fill_strided(this_line, band[line + ox * c..].as_ptr(), c);
+            let line_start = band[line + ox * stride * c..].as_ptr();
+            kernel::fill_strided(this_line, line_start, stride * c);
             rest = later;
             (ox, oy) = (0, oy + 1);
-            line += line_len;
+            line += stride * line_len;
             if oy == ho {
                 (oy, image) = (0, image + 1);
                 line = band_start(image);

@@ -345,8 +345,8 @@ mod tests {
 
     /// Two terms (3x3 and 1x1), bias, residual, upsampled addend and ReLU, on shapes with row
     /// and column tails, through every kernel this CPU has: equal to the direct definition.
-    /// Odd and even 3x3 input channels: patch rows or taps read in place (stride 1, micro-kernels;
-    /// odd channels on unpaired panels), on plain and paired panels.
+    /// Odd and even 3x3 input channels: patch rows (the `gemm` crate) or taps read in place
+    /// (micro-kernels; odd channels on unpaired panels), on plain and paired panels.
     #[test]
     fn conv_sum_matches_the_direct_convolution() {
         let shapes = [(37, 1), (10, 1), (64, 2), (16, 1), (8, 2), (8, 1), (5, 1)];
@@ -456,20 +456,36 @@ mod tests {
     }
 
     /// Taps read in place give the direct convolution on blocks that start and end inside a
-    /// line and span images, on every micro-kernel, for plain and paired panels.
+    /// line and span images, on every micro-kernel, for plain and paired panels, at stride 1
+    /// and 2 (a 3x3, and a 7x7 stem on 3 channels: odd segments on unpaired panels).
     #[test]
     fn tap_reads_match_the_direct_convolution_on_any_block() {
-        let (n, h, w, c_in) = (3, 6, 5, 4);
-        let x = map(n, h, w, c_in, 1);
         let micro_kernels = kernels().iter().filter(|&&k| k != Kernel::Portable);
-        for (&kernel, c_out) in micro_kernels.flat_map(|k| [(k, 8), (k, 16), (k, 24)]) {
-            let weight = values(c_out * c_in * 9, 2);
-            let conv = packed(&weight, c_out, c_in, 3, 1, 1, kernel);
+        let cases = [
+            (3, 1, 1, 4, (6, 5)),
+            (3, 2, 1, 4, (9, 7)),
+            (7, 2, 3, 3, (11, 10)),
+        ];
+        for (&kernel, (k, stride, pad, c_in, (h, w)), c_out) in micro_kernels.flat_map(|kernel| {
+            cases
+                .iter()
+                .flat_map(move |&case| [8, 16, 24, 40].map(|c_out| (kernel, case, c_out)))
+        }) {
+            let n = 3;
+            let x = map(n, h, w, c_in, 1);
+            let weight = values(c_out * c_in * k * k, 2);
+            let conv = packed(&weight, c_out, c_in, k, stride, pad, kernel);
             assert!(conv.reads_taps());
-            let want = naive(&x, &weight, c_out, 3, 1, 1);
-            let mut out = vec![f32::NAN; n * h * w * c_out];
+            let want = naive(&x, &weight, c_out, k, stride, pad);
+            let m = n * want.h * want.w;
+            let mut out = vec![f32::NAN; m * c_out];
             let term = Term::of(&conv, &x);
-            for rows in [0..3, 3..17, 17..61, 61..90] {
+            for rows in [
+                0..3,
+                3..m / 3 + 2,
+                m / 3 + 2..2 * m / 3 + 1,
+                2 * m / 3 + 1..m,
+            ] {
                 let block = Block {
                     rows,
                     cols: 0..c_out,
@@ -479,7 +495,7 @@ mod tests {
             for (i, (got, want)) in out.iter().zip(&want.data).enumerate() {
                 assert!(
                     (got - want).abs() < 1e-4,
-                    "{kernel:?} {c_out} [{i}]: {got} vs {want}"
+                    "{kernel:?} {k}x{k} s{stride} {c_in}->{c_out} [{i}]: {got} vs {want}"
                 );
             }
         }

@@ -39,7 +39,7 @@ impl PackedConv {
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
         let depth = kernel * kernel * c_in;
-        let segment = if kernel > 1 && stride == 1 {
+        let segment = if kernel > 1 {
             tap_segment(kernel, c_in)
         } else {
             depth
@@ -70,13 +70,11 @@ impl PackedConv {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// A larger stride-1 kernel on our micro-kernel reads its taps in place from zero-bordered
-    /// copies of the input lines (see [`tap_block`]) instead of building patch rows. Paired
-    /// panels need each tap's channels in whole pairs.
+    /// A larger kernel on our micro-kernel, at any stride, reads its taps in place from
+    /// zero-bordered copies of the input lines (see [`tap_block`]) instead of building patch
+    /// rows. Paired panels need each tap's channels in whole pairs.
     pub(super) fn reads_taps(&self) -> bool {
-        self.kernel > 1
-            && self.stride == 1
-            && self.weights.takes_taps(tap_segment(self.kernel, self.c_in))
+        self.kernel > 1 && self.weights.takes_taps(tap_segment(self.kernel, self.c_in))
     }
 
     /// Whether the convolution can read `avg_pool2x2(input)` pooled as it goes

@@ -249,8 +249,8 @@ pub enum Lhs<'a> {
         in_map: bool,
     },
     /// Not stored as rows (our micro-kernels only): K is `taps.len()` equal segments, segment `t`
-    /// of the call's `i`-th output row at `starts[i] + taps[t]`. A stride-1 convolution reads
-    /// its input in place this way, one segment per kernel tap or per kernel row.
+    /// of the call's `i`-th output row at `starts[i] + taps[t]`. A convolution of any stride
+    /// reads its input in place this way, one segment per kernel tap or per kernel row.
     Taps {
         starts: &'a [*const f32],
         taps: &'a [usize],
