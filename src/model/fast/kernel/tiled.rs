@@ -134,7 +134,7 @@ fn strip_rows(b: &PackedB, panels: usize) -> usize {
 
 /// Panels of `kc` steps and `width` columns in one group ([`GROUP_FLOATS`]).
 fn panels_per_group(kc: usize, width: usize) -> usize {
-    (GROUP_FLOATS / (kc.max(1) * width)).max(1)
+    (GROUP_FLOATS / (kc * width)).max(1)
 }
 
 /// Weights of the panel group after the current one (the same panels' next K chunk, or the
@@ -167,12 +167,11 @@ impl<'a> Lookahead<'a> {
         } else {
             (panels.start, k0 + chunk)
         };
-        let kc = chunk.min(b.k.saturating_sub(k0));
-        let group = panels_per_group(kc, b.width);
-        let end = if kc == 0 {
-            first
+        let (kc, end) = if k0 < b.k {
+            let kc = chunk.min(b.k - k0);
+            (kc, (first + panels_per_group(kc, b.width)).min(panels.end))
         } else {
-            (first + group).min(panels.end)
+            (0, first)
         };
         Self {
             b,
