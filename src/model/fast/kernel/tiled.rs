@@ -46,8 +46,11 @@ pub unsafe fn gemm(g: &Gemm) {
         }
         Lhs::Rows { .. } => (b.k, KC),
     };
-    for k0 in (0..b.k).step_by(chunk) {
-        let kc = chunk.min(b.k - k0);
+    // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the group's
+    // first panel, passes over all of them; the next group is prefetched meanwhile.
+    let mut groups = groups(b, chunk, panels).peekable();
+    while let Some(Group { k0, kc, panels }) = groups.next() {
+        let mut lookahead = Lookahead::of(b, groups.peek().cloned());
         let last_chunk = k0 + kc == b.k;
         let rows_from_k0 = [k0];
         // This chunk's segments of A: its taps, or the rows' K steps from `k0` as one.
@@ -55,64 +58,58 @@ pub unsafe fn gemm(g: &Gemm) {
             Lhs::Taps { taps, .. } => (&taps[k0 / seg..(k0 + kc) / seg], seg),
             Lhs::Rows { .. } => (&rows_from_k0[..], kc),
         };
-        // A group of panel chunks stays in L2 while each row strip, loaded into L1 by the
-        // group's first panel, passes over all of them.
-        let group = panels_per_group(kc, w);
-        for first in panels.clone().step_by(group) {
-            let mut lookahead = Lookahead::after(b, &panels, chunk, k0, first, group);
-            for r0 in rows.clone().step_by(strip_rows) {
-                let strip = strip_rows.min(rows.end - r0);
-                let strip_c = c.add(r0 * ldc);
-                // One tile per strip, its panel and C pointers set for each panel below.
-                let mut tile = Tile {
-                    taps: chunk_taps,
-                    seg: chunk_seg,
-                    a: [std::ptr::null(); MR],
-                    next: std::ptr::null(),
-                    b: std::ptr::null(),
-                    ahead: std::ptr::null(),
-                    c: strip_c,
-                    ldc,
+        for r0 in rows.clone().step_by(strip_rows) {
+            let strip = strip_rows.min(rows.end - r0);
+            let strip_c = c.add(r0 * ldc);
+            // One tile per strip, its panel and C pointers set for each panel below.
+            let mut tile = Tile {
+                taps: chunk_taps,
+                seg: chunk_seg,
+                a: [std::ptr::null(); MR],
+                next: std::ptr::null(),
+                b: std::ptr::null(),
+                ahead: std::ptr::null(),
+                c: strip_c,
+                ldc,
+            };
+            // The strip's first row, counted from the call's first.
+            let at = r0 - rows.start;
+            match a {
+                Lhs::Rows { a, lda, .. } => {
+                    fill_strided(&mut tile.a[..strip], a.add(at * lda), lda)
+                }
+                Lhs::Taps { starts, .. } => {
+                    tile.a[..strip].copy_from_slice(&starts[at..at + strip])
+                }
+            }
+            let mut next = [std::ptr::null(); MR];
+            if let Some((a, lda)) = prefetched {
+                let next_strip = strip_rows.min(rows.end - r0 - strip);
+                fill_strided(&mut next[..next_strip], a.add((at + strip) * lda), lda);
+            }
+            for p in panels.clone() {
+                let col0 = p * w;
+                let mut store = Store {
+                    width: w.min(b.n - col0),
+                    load_c: accumulate || k0 > 0,
+                    bias: std::ptr::null(),
+                    addends: std::ptr::null(),
+                    col0,
+                    relu: false,
                 };
-                // The strip's first row, counted from the call's first.
-                let at = r0 - rows.start;
-                match a {
-                    Lhs::Rows { a, lda, .. } => {
-                        fill_strided(&mut tile.a[..strip], a.add(at * lda), lda)
-                    }
-                    Lhs::Taps { starts, .. } => {
-                        tile.a[..strip].copy_from_slice(&starts[at..at + strip])
-                    }
+                if let (true, Some(f)) = (last_chunk, finish) {
+                    store.finish(f, at, col0);
                 }
-                let mut next = [std::ptr::null(); MR];
-                if let Some((a, lda)) = prefetched {
-                    let next_strip = strip_rows.min(rows.end - r0 - strip);
-                    fill_strided(&mut next[..next_strip], a.add((at + strip) * lda), lda);
-                }
-                for p in first..(first + group).min(panels.end) {
-                    let col0 = p * w;
-                    let mut store = Store {
-                        width: w.min(b.n - col0),
-                        load_c: accumulate || k0 > 0,
-                        bias: std::ptr::null(),
-                        addends: std::ptr::null(),
-                        col0,
-                        relu: false,
-                    };
-                    if let (true, Some(f)) = (last_chunk, finish) {
-                        store.finish(f, at, col0);
-                    }
-                    // Loaded by the group's first panel only; the others find A in L1.
-                    tile.next = if p == first && !next[0].is_null() {
-                        &next
-                    } else {
-                        std::ptr::null()
-                    };
-                    tile.b = b.panel_from(p, k0).as_ptr();
-                    tile.ahead = lookahead.take(kc * 64).unwrap_or(std::ptr::null());
-                    tile.c = strip_c.add(col0);
-                    dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
-                }
+                // Loaded by the group's first panel only; the others find A in L1.
+                tile.next = if p == panels.start && !next[0].is_null() {
+                    &next
+                } else {
+                    std::ptr::null()
+                };
+                tile.b = b.panel_from(p, k0).as_ptr();
+                tile.ahead = lookahead.take(kc * 64).unwrap_or(std::ptr::null());
+                tile.c = strip_c.add(col0);
+                dispatch(b.kernel, strip, w, b.pairs, &tile, &store);
             }
         }
     }
@@ -137,68 +134,61 @@ fn panels_per_group(kc: usize, width: usize) -> usize {
     (GROUP_FLOATS / (kc * width)).max(1)
 }
 
-/// Weights of the panel group after the current one (the same panels' next K chunk, or the
+/// One group of panel chunks: K steps `k0..k0 + kc` of `panels`.
+#[derive(Clone, Debug, PartialEq)]
+struct Group {
+    k0: usize,
+    kc: usize,
+    panels: Range<usize>,
+}
+
+/// The groups of a GEMM over `panels` of `b`, in the order it runs them: K chunk by K chunk
+/// of `chunk` steps, each chunk's panels [`panels_per_group`] at a time.
+fn groups(b: &PackedB, chunk: usize, panels: Range<usize>) -> impl Iterator<Item = Group> + '_ {
+    (0..b.k).step_by(chunk).flat_map(move |k0| {
+        let kc = chunk.min(b.k - k0);
+        let end = panels.end;
+        panels
+            .clone()
+            .step_by(panels_per_group(kc, b.width))
+            .map(move |first| Group {
+                k0,
+                kc,
+                panels: first..(first + panels_per_group(kc, b.width)).min(end),
+            })
+    })
+}
+
+/// The weights of the group after the current one (the same panels' next K chunk, or the
 /// next panels'), handed out to the current group's kernel calls to prefetch into L2: the
 /// current group's first strip otherwise waits on memory for every panel line, which costs
 /// most where strips are few (ResNet-50's layer4: 14 strips of a thread's 4 images).
 struct Lookahead<'a> {
     b: &'a PackedB,
-    /// The next group's panels left, and its K chunk.
-    panels: Range<usize>,
-    k0: usize,
-    kc: usize,
+    /// The next group, its panels narrowed to those not yet handed out; `None` after the last.
+    next: Option<Group>,
     /// Bytes of the first panel's chunk already handed out.
     taken: usize,
 }
 
 impl<'a> Lookahead<'a> {
-    /// The group after panels `first..first + group` of the chunk at `k0` (`chunk` deep) of a
-    /// call over `panels`: nothing after the last group of the last chunk.
-    fn after(
-        b: &'a PackedB,
-        panels: &Range<usize>,
-        chunk: usize,
-        k0: usize,
-        first: usize,
-        group: usize,
-    ) -> Self {
-        let (first, k0) = if first + group < panels.end {
-            (first + group, k0)
-        } else {
-            (panels.start, k0 + chunk)
-        };
-        let (kc, end) = if k0 < b.k {
-            let kc = chunk.min(b.k - k0);
-            (kc, (first + panels_per_group(kc, b.width)).min(panels.end))
-        } else {
-            (0, first)
-        };
-        Self {
-            b,
-            panels: first..end,
-            k0,
-            kc,
-            taken: 0,
-        }
+    fn of(b: &'a PackedB, next: Option<Group>) -> Self {
+        Self { b, next, taken: 0 }
     }
 
     /// The start of the next `bytes` to prefetch, within one panel's chunk; `None` once all
     /// are handed out.
     fn take(&mut self, bytes: usize) -> Option<*const i8> {
-        let chunk_bytes = self.kc * self.b.width * 4;
-        if self.taken >= chunk_bytes {
-            self.panels.start += 1;
+        let group = self.next.as_mut()?;
+        if self.taken >= group.kc * self.b.width * 4 {
+            group.panels.start += 1;
             self.taken = 0;
         }
-        if self.panels.is_empty() {
+        if group.panels.is_empty() {
             return None;
         }
-        let from = self
-            .b
-            .panel_from(self.panels.start, self.k0)
-            .as_ptr()
-            .cast::<i8>();
-        let at = from.wrapping_add(self.taken);
+        let from = self.b.panel_from(group.panels.start, group.k0).as_ptr();
+        let at = from.cast::<i8>().wrapping_add(self.taken);
         self.taken += bytes;
         Some(at)
     }
@@ -274,10 +264,13 @@ unsafe fn dispatch(
 mod tests {
     use super::*;
 
-    /// Every start `Lookahead::after(...)` hands out, `KC * 64` bytes at a time.
+    /// Every start the lookahead of the group at `k0` from panel `first`, in a call over
+    /// `panels`, hands out `KC * 64` bytes at a time.
     fn handed_out(b: &PackedB, panels: Range<usize>, k0: usize, first: usize) -> Vec<*const i8> {
-        let group = panels_per_group(KC, b.width);
-        let mut lookahead = Lookahead::after(b, &panels, KC, k0, first, group);
+        let mut groups =
+            groups(b, KC, panels).skip_while(|g| (g.k0, g.panels.start) != (k0, first));
+        assert!(groups.next().is_some(), "no group at ({k0}, {first})");
+        let mut lookahead = Lookahead::of(b, groups.next());
         std::iter::from_fn(|| lookahead.take(KC * 64)).collect()
     }
 
@@ -289,6 +282,28 @@ mod tests {
                 [chunk, chunk.wrapping_add(KC * 64)]
             })
             .collect()
+    }
+
+    #[test]
+    fn groups_run_chunk_by_chunk_each_chunks_panels_a_group_at_a_time() {
+        // 20 panels of 32 columns, K of two full chunks and a short one.
+        let (k, n) = (2 * KC + 16, 640);
+        let b = PackedB::new(&vec![0.; k * n], k, n, Kernel::Avx512, k);
+        let group = |k0, kc, panels| Group { k0, kc, panels };
+        let short = panels_per_group(16, b.width);
+        assert!(short >= 20, "a 16-step chunk's group takes every panel");
+        assert_eq!(
+            groups(&b, KC, 2..20).collect::<Vec<_>>(),
+            [
+                group(0, KC, 2..10),
+                group(0, KC, 10..18),
+                group(0, KC, 18..20),
+                group(KC, KC, 2..10),
+                group(KC, KC, 10..18),
+                group(KC, KC, 18..20),
+                group(2 * KC, 16, 2..20),
+            ]
+        );
     }
 
     #[test]
