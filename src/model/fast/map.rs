@@ -176,22 +176,51 @@ pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32], stride: us
     }
 }
 
-/// 3x3 max pool, stride 2, padding 1: the ResNet stem's.
+/// 3x3 max pool, stride 2, padding 1: the ResNet stem's. Each output line first takes the
+/// maximum of its (up to) three input lines, value by value, into a line of scratch; each
+/// output pixel is then the maximum of (up to) three pixels of that line. Every input line is
+/// read by two output lines at most, in long contiguous runs, where a pixel-by-pixel window
+/// read each input pixel up to four times, 64 floats at a time.
 pub fn max_pool3x3s2p1(x: &Map) -> Map {
     let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
-    let window = |o: usize, len: usize| (2 * o).saturating_sub(1)..(2 * o + 2).min(len);
+    let c = x.c;
+    let line_len = x.w * c;
+    let line = |image: usize, y: usize| &x.data[(image * x.h + y) * line_len..][..line_len];
     out.fill_rows(|image, oy, row| {
-        for (ox, dst) in row.chunks_exact_mut(x.c).enumerate() {
-            dst.fill(f32::MIN);
-            for y in window(oy, x.h) {
-                for xx in window(ox, x.w) {
-                    let src = x.pixel(image, y, xx);
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = d.max(s));
-                }
+        LINE.with_borrow_mut(|lines| {
+            let mut ys = window(oy, x.h);
+            lines.clear();
+            lines.extend_from_slice(line(image, ys.next().expect("a window covers a line")));
+            ys.for_each(|y| max_into(lines, line(image, y)));
+            for (ox, dst) in row.chunks_exact_mut(c).enumerate() {
+                let mut xs = window(ox, x.w);
+                let pixel = |xx: usize| &lines[xx * c..(xx + 1) * c];
+                dst.copy_from_slice(pixel(xs.next().expect("a window covers a pixel")));
+                xs.for_each(|xx| max_into(dst, pixel(xx)));
             }
-        }
+        })
     });
     out
+}
+
+thread_local! {
+    /// Each thread's line of column-wise maxima for [`max_pool3x3s2p1`].
+    static LINE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The input cells (lines or pixels) of output cell `o` of a 3-wide, stride-2, padding-1
+/// window over `len` cells.
+fn window(o: usize, len: usize) -> Range<usize> {
+    (2 * o).saturating_sub(1)..(2 * o + 2).min(len)
+}
+
+/// `dst = max(dst, src)`, value by value: a select on a comparison, stored unconditionally,
+/// which LLVM makes a vector maximum (`f32::max`'s NaN rule and a conditional store keep it
+/// from one).
+fn max_into(dst: &mut [f32], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = if s > *d { s } else { *d };
+    }
 }
 
 /// Global average pool: `[n, c]` row-major.
@@ -262,13 +291,35 @@ mod tests {
 
     #[test]
     fn max_pool_takes_the_window_maximum() {
-        let x = ramp(2, 5, 4, 3);
-        let p = max_pool3x3s2p1(&x);
-        assert_eq!((p.h, p.w), (3, 2));
-        let expected = [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
-            .iter()
-            .map(|&(y, xx)| x.pixel(1, y, xx)[2])
-            .fold(f32::MIN, f32::max);
-        assert_eq!(p.pixel(1, 1, 0)[2], expected);
+        // Odd and even sizes: windows cut by the top, left, bottom and right borders.
+        for (h, w) in [(5, 4), (6, 7), (1, 1), (2, 3)] {
+            // Scrambled values, so that a window shifted by a cell finds another maximum.
+            let mut x = ramp(2, h, w, 3);
+            x.data
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = ((i * 7919) % 1009) as f32 - 500.);
+            let p = max_pool3x3s2p1(&x);
+            assert_eq!((p.n, p.h, p.w, p.c), (2, halved(h), halved(w), 3));
+            for (image, oy, ox, ch) in (0..2)
+                .flat_map(|i| (0..p.h).map(move |oy| (i, oy)))
+                .flat_map(|(i, oy)| (0..p.w).map(move |ox| (i, oy, ox)))
+                .flat_map(|(i, oy, ox)| (0..3).map(move |ch| (i, oy, ox, ch)))
+            {
+                let rows = (2 * oy as isize - 1)..=(2 * oy as isize + 1);
+                let expected = rows
+                    .flat_map(|y| {
+                        ((2 * ox as isize - 1)..=(2 * ox as isize + 1)).map(move |xx| (y, xx))
+                    })
+                    .filter(|&(y, xx)| y >= 0 && xx >= 0 && y < h as isize && xx < w as isize)
+                    .map(|(y, xx)| x.pixel(image, y as usize, xx as usize)[ch])
+                    .fold(f32::MIN, f32::max);
+                assert_eq!(
+                    p.pixel(image, oy, ox)[ch],
+                    expected,
+                    "{h}x{w} at {image} {oy} {ox} {ch}"
+                );
+            }
+        }
     }
 }
