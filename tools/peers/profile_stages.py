@@ -11,9 +11,9 @@ counts with its smallest median over the runs, the least disturbed by a shared m
 Layer names are PyTorch module paths: `layer3.2.conv1` belongs to `layer3`; the stem is `conv1`
 and `maxpool`. Prints one markdown table: time, GFLOP/s, and the octave/vanilla ratios of time
 and of MACs per stage; then the octave/vanilla time ratio the octave net would reach if each of
-its stages ran at the vanilla stage's GFLOP/s (its MACs at the vanilla speed): the bound that
-no gain in the octave layers' efficiency alone goes below, since the stages the two nets share
-(stem, layer4, classifier) cannot save.
+its stages ran at the vanilla stage's GFLOP/s (its MACs at the vanilla speed). The stages the
+two nets share (stem, layer4, classifier) cannot save, so below that ratio the octave layers
+would have to run faster per MAC than the vanilla ones.
 """
 import json
 import sys
