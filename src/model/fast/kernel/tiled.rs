@@ -147,15 +147,12 @@ struct Group {
 fn groups(b: &PackedB, chunk: usize, panels: Range<usize>) -> impl Iterator<Item = Group> + '_ {
     (0..b.k).step_by(chunk).flat_map(move |k0| {
         let kc = chunk.min(b.k - k0);
-        let end = panels.end;
-        panels
-            .clone()
-            .step_by(panels_per_group(kc, b.width))
-            .map(move |first| Group {
-                k0,
-                kc,
-                panels: first..(first + panels_per_group(kc, b.width)).min(end),
-            })
+        let (size, end) = (panels_per_group(kc, b.width), panels.end);
+        panels.clone().step_by(size).map(move |first| Group {
+            k0,
+            kc,
+            panels: first..(first + size).min(end),
+        })
     })
 }
 
