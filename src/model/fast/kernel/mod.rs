@@ -16,8 +16,11 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+mod lines;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+
+use lines::Lines;
 
 /// Depth of one K chunk of our micro-kernels: a row strip's chunk is 8 KiB of L1.
 const KC: usize = 256;
@@ -34,32 +37,6 @@ pub struct PackedB {
     width: usize,
     pairs: bool,
     data: Lines,
-}
-
-/// Floats in 64-byte-aligned cache lines: each K step of a 32-column panel is two whole lines,
-/// so no load of the micro-kernel straddles two (a heap `Vec<f32>` is only 16-byte aligned,
-/// and a straddling load costs two reads of L1).
-#[derive(Clone, Debug)]
-struct Lines(Vec<Line>);
-
-#[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-impl Lines {
-    fn zeros(len: usize) -> Self {
-        Self(vec![Line([0.; 16]); len.div_ceil(16)])
-    }
-
-    fn floats(&self) -> &[f32] {
-        // SAFETY: a `Line` is 16 floats and nothing else (`repr(C)`, size 64 = its alignment).
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
-    }
-
-    fn floats_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as in `floats`.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
-    }
 }
 
 impl PackedB {
