@@ -19,13 +19,12 @@ thread_local! {
 fn read_line(term: &Term, image: usize, y: usize, dst: &mut [f32]) {
     let x = term.input;
     let stride = x.c + term.appended.map_or(0, |a| a.c);
-    let start = (image * x.h + y) * x.w * x.c;
     if term.pooled {
         pooled_line(x, image, y, dst, stride);
     } else if stride == x.c {
-        dst.copy_from_slice(&x.data[start..start + dst.len()]);
+        dst.copy_from_slice(x.line(image, y));
     } else {
-        let line = x.data[start..].chunks_exact(x.c);
+        let line = x.line(image, y).chunks_exact(x.c);
         for (pixel, src) in dst.chunks_exact_mut(stride).zip(line) {
             pixel[..x.c].copy_from_slice(src);
         }

@@ -58,6 +58,12 @@ impl Map {
         self.n * self.h * self.w
     }
 
+    /// Line `y` of image `image`: its `w` pixels' channels.
+    pub fn line(&self, image: usize, y: usize) -> &[f32] {
+        let len = self.w * self.c;
+        &self.data[(image * self.h + y) * len..][..len]
+    }
+
     pub fn pixel(&self, image: usize, y: usize, x: usize) -> &[f32] {
         let start = ((image * self.h + y) * self.w + x) * self.c;
         &self.data[start..start + self.c]
@@ -184,14 +190,12 @@ pub fn pooled_line(x: &Map, image: usize, oy: usize, dst: &mut [f32], stride: us
 pub fn max_pool3x3s2p1(x: &Map) -> Map {
     let mut out = Map::zeros(x.n, halved(x.h), halved(x.w), x.c);
     let c = x.c;
-    let line_len = x.w * c;
-    let line = |image: usize, y: usize| &x.data[(image * x.h + y) * line_len..][..line_len];
     out.fill_rows(|image, oy, row| {
         LINE.with_borrow_mut(|lines| {
             let mut ys = window(oy, x.h);
             lines.clear();
-            lines.extend_from_slice(line(image, ys.next().expect("a window covers a line")));
-            ys.for_each(|y| max_into(lines, line(image, y)));
+            lines.extend_from_slice(x.line(image, ys.next().expect("a window covers a line")));
+            ys.for_each(|y| max_into(lines, x.line(image, y)));
             for (ox, dst) in row.chunks_exact_mut(c).enumerate() {
                 let mut xs = window(ox, x.w);
                 let pixel = |xx: usize| &lines[xx * c..(xx + 1) * c];

@@ -87,29 +87,22 @@ impl Lines {
 
     /// `len` bytes in the filling slab, a new one, or a mapping of their own.
     fn place(len: usize, filling: &Filling) -> Option<Place> {
-        if len > SLAB / 4 {
-            let slab = Slab::map(len)?;
-            return Some(Place::Slab {
-                slab,
-                offset: 0,
-                len,
-            });
-        }
-        let mut filling = filling.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((slab, used)) = filling.as_mut() {
-            if let (Some(slab), true) = (slab.upgrade(), *used + len <= SLAB) {
-                let offset = *used;
-                *used += len;
-                return Some(Place::Slab { slab, offset, len });
-            }
-        }
-        let slab = Slab::map(SLAB)?;
-        *filling = Some((Arc::downgrade(&slab), len));
-        Some(Place::Slab {
-            slab,
-            offset: 0,
-            len,
-        })
+        let (slab, offset) = if len > SLAB / 4 {
+            (Slab::map(len)?, 0)
+        } else {
+            let mut filling = filling.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = filling
+                .as_ref()
+                .filter(|(_, used)| used + len <= SLAB)
+                .and_then(|(slab, used)| Some((slab.upgrade()?, *used)));
+            let (slab, offset) = match room {
+                Some(room) => room,
+                None => (Slab::map(SLAB)?, 0),
+            };
+            *filling = Some((Arc::downgrade(&slab), offset + len));
+            (slab, offset)
+        };
+        Some(Place::Slab { slab, offset, len })
     }
 
     pub fn floats(&self) -> &[f32] {
